@@ -1,0 +1,152 @@
+"""Adapter specs (the schemas behind `conf/adapter/*.yaml`) and their mapping to PEFT.
+
+This is the only module that builds PEFT configs. Each spec checks its own values in `__post_init__`
+(run by `OmegaConf.to_object(cfg.adapter)`); checks that need the model run in `build_adapter`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from hydra.core.config_store import ConfigStore
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+
+from feta.schema import check_choice
+
+# Where LoRA goes when `adapter.targets` is null, per architecture family (ModelSpec.arch).
+DEFAULT_LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+# Text whose key/value cache starts a prefix (PEFT's text init): real text keeps the model on its
+# manifold, where a random prefix first destroys it (65.5% vs 87.6% on SmolLM2, notes/findings.md).
+DEFAULT_INIT_TEXT = (
+    "Classify the sentiment of each movie review as positive or negative. Read the whole review, "
+    "weigh praise against criticism, and answer with one word: positive or negative."
+)
+
+
+@dataclass
+class PrefixSpec:
+    """Prefix tuning: m trainable key/value vectors per layer, prepended to every attention."""
+
+    kind: str = "prefix"
+    m: int = field(default=16, metadata={"help": "Prefix length (virtual tokens per layer)."})
+    init: str = field(
+        default="text", metadata={"help": "text: base model's KV of `init_text`; random; zero (PEFT init_weights)."}
+    )
+    init_text: str = field(default=DEFAULT_INIT_TEXT, metadata={"help": "Text for init=text; needs >= m tokens."})
+    projection: bool = field(default=False, metadata={"help": "MLP reparameterization (Li & Liang); init must not be text."})
+    projection_hidden: int = field(default=512, metadata={"help": "Hidden size of the reparameterization MLP."})
+    lr: float = field(default=3e-3, metadata={"help": "Learning rate."})
+
+    def __post_init__(self) -> None:
+        if self.kind != "prefix":
+            raise ValueError(f"adapter.kind must be 'prefix' for a PrefixSpec, got {self.kind!r}")
+        check_choice("adapter.init", self.init, ("text", "random", "zero"))
+        if self.m < 1:
+            raise ValueError(f"adapter.m must be a positive int (prefix length), got {self.m}")
+        if self.projection and self.init == "text":
+            raise ValueError("adapter.projection=true cannot start from text (PEFT): set adapter.init=random or zero")
+        if self.init == "text" and not self.init_text.strip():
+            raise ValueError("adapter.init=text needs a non-empty adapter.init_text")
+        if self.projection_hidden < 1:
+            raise ValueError(f"adapter.projection_hidden must be positive, got {self.projection_hidden}")
+        if self.lr <= 0:
+            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA: W + (alpha / r) · B·A on the target modules."""
+
+    kind: str = "lora"
+    r: int = field(default=4, metadata={"help": "LoRA rank."})
+    alpha: float | None = field(default=None, metadata={"help": "Scale numerator; null = 2·r."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on LoRA's input."})
+    targets: list[str] | None = field(default=None, metadata={"help": "Module names; null = per-architecture default."})
+    lr: float = field(default=1e-3, metadata={"help": "Learning rate."})
+
+    def __post_init__(self) -> None:
+        if self.kind != "lora":
+            raise ValueError(f"adapter.kind must be 'lora' for a LoraSpec, got {self.kind!r}")
+        if self.r < 1:
+            raise ValueError(f"adapter.r must be a positive int (LoRA rank), got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if self.targets is not None and not self.targets:
+            raise ValueError("adapter.targets is empty; list module names or use null for the default")
+        if self.lr <= 0:
+            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+
+
+SPECS = {"prefix": PrefixSpec, "lora": LoraSpec}
+AdapterSpec = PrefixSpec | LoraSpec
+
+cs = ConfigStore.instance()
+for _name, _spec in SPECS.items():
+    cs.store(group="adapter", name=f"{_name}_schema", node=_spec)
+
+
+def lora_targets(spec: LoraSpec, arch: str) -> list[str]:
+    return list(spec.targets) if spec.targets is not None else DEFAULT_LORA_TARGETS[arch]
+
+
+def _check_targets(model: torch.nn.Module, targets: list[str], model_name: str) -> None:
+    names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Module)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                         if type(mod).__name__ in ("Linear", "Conv1D")})
+        raise ValueError(f"adapter.targets={missing} not in {model_name}; available: {', '.join(linear)}")
+
+
+def peft_config(spec: AdapterSpec, arch: str):
+    """The PEFT config for a spec; PEFT's own __post_init__ checks run here."""
+    if isinstance(spec, PrefixSpec):
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=spec.m, prefix_projection=spec.projection,
+            encoder_hidden_size=spec.projection_hidden, init_weights="zero" if spec.init == "zero" else None,
+        )
+    alpha = spec.alpha if spec.alpha is not None else 2 * spec.r
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=spec.r, lora_alpha=alpha, lora_dropout=spec.dropout,
+        target_modules=lora_targets(spec, arch),
+        fan_in_fan_out=arch == "gpt2",  # GPT-2's Conv1D stores W transposed
+    )
+
+
+def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: str = "model", max_length: int = 0):
+    """Wrap a base model with a fresh PEFT adapter; only the adapter's parameters require grad."""
+    if isinstance(spec, LoraSpec):
+        _check_targets(model, lora_targets(spec, arch), model_name)
+    if isinstance(spec, PrefixSpec):
+        n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        if n_pos is not None and max_length and spec.m + max_length > n_pos:
+            raise ValueError(
+                f"adapter.m + data.max_length = {spec.m} + {max_length} > {n_pos} positions of {model_name}; "
+                "lower one of them"
+            )
+    peft_model = get_peft_model(model, peft_config(spec, arch))
+    if isinstance(spec, PrefixSpec) and spec.init == "text":
+        from peft import initialize_kv_prefix_from_text
+
+        n_tokens = len(tokenizer(spec.init_text, add_special_tokens=False)["input_ids"])
+        if n_tokens < spec.m:
+            raise ValueError(
+                f"adapter.init_text has {n_tokens} tokens but adapter.m={spec.m} needs at least that many; "
+                "give a longer adapter.init_text, a smaller adapter.m, or adapter.init=zero"
+            )
+        # Plain text, no chat template: the prefix then equals running the model on those m tokens.
+        initialize_kv_prefix_from_text(peft_model, tokenizer, text=spec.init_text, use_chat_template=False)
+    return peft_model
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_adapter(base_model, path, is_trainable: bool = False):
+    """Load a saved adapter (safetensors only: PEFT prefers them, and we never write .bin)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
