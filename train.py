@@ -22,18 +22,20 @@ from feta.adapters import build_adapter, trainable_parameters
 from feta.data import SST2DataModule
 from feta.models import load_base_model
 from feta.module import LabelWordClassifier
+from feta.schema import to_spec
 from feta.tracking import log_artifact, make_logger, output_dir, sweep_group, task_wrapper
 
 log = logging.getLogger("feta")
 
 
 @task_wrapper
-def train(cfg: DictConfig) -> dict[str, Any]:
-    model_spec, data_spec, adapter_spec = (OmegaConf.to_object(cfg[k]) for k in ("model", "data", "adapter"))
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one adapter; returns (metrics, objects) — objects for tests and notebooks."""
+    model_spec, data_spec, adapter_spec = (to_spec(cfg, k) for k in ("model", "data", "adapter"))
     run_dir = output_dir(cfg)
     if cfg.skip_finished and runs.is_finished(run_dir):
         log.info(f"{run_dir} already finished (skip_finished=true); not retraining")
-        return runs.read_json(run_dir / runs.METRICS)
+        return runs.read_json(run_dir / runs.METRICS), {}
     runs.check_same_config(run_dir, cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = run_dir / runs.CHECKPOINTS
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=[checkpoint],
+    callbacks = [checkpoint] + [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
                                       default_root_dir=str(run_dir), enable_checkpointing=True)
 
     resume = ckpt_dir / "last.ckpt"
@@ -84,12 +87,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_artifact(logger, run_dir / runs.ADAPTER, name=f"adapter-{name}", type_="adapter")
     runs.write_json(run_dir / runs.METRICS, metrics)  # last: its presence marks the run finished
     log.info(f"val_acc={metrics['val_acc']:.4f} on {metrics['val_size']} sentences ({train_time:.0f} s); {run_dir}")
-    return metrics
+    return metrics, {"model": peft_model, "tokenizer": tokenizer, "datamodule": datamodule, "trainer": trainer}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)["val_acc"]  # the value a Hydra sweeper optimizes
+    return train(cfg)[0]["val_acc"]  # the value a Hydra sweeper optimizes
 
 
 if __name__ == "__main__":

@@ -81,11 +81,11 @@ def finish_wandb() -> None:
         pass
 
 
-def task_wrapper(task: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConfig], dict[str, Any]]:
+def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Log a failing task's exception and re-raise it; always close W&B and name the output dir."""
 
     @functools.wraps(task)
-    def wrapped(cfg: DictConfig) -> dict[str, Any]:
+    def wrapped(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
         except Exception:

@@ -1,0 +1,174 @@
+"""train.py on gpt2_tiny: the run-directory contract, adapter round trip, resume, sweeps, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from peft import PeftModel
+
+from feta.data import DataSpec, load_sst2
+from feta.models import load_base_model
+from feta.module import label_logits
+from feta.schema import to_spec
+from tests.conftest import ROOT, tiny_train_cfg
+from train import train
+
+
+def _batch(dm, n=16):
+    dm.setup()
+    return dm.collate(dm.splits["validation"][:n])
+
+
+@pytest.mark.parametrize("adapter", ["prefix", "lora"])
+def test_run_writes_contract_and_adapter_round_trips(tmp_path, adapter):
+    cfg = tiny_train_cfg(tmp_path, f"adapter={adapter}", "logger=wandb", "adapter.init=random" if adapter == "prefix" else "adapter.alpha=8")
+    metrics, obj = train(cfg)
+    run = Path(cfg.output_dir)
+    for rel in ("config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                "checkpoints/last.ckpt", "metrics.json"):
+        assert (run / rel).is_file(), rel
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["global_step"] == 4 and saved["val_size"] == 64 and 0.0 <= saved["val_acc"] <= 1.0
+
+    trained = obj["model"].eval()
+    n_peft, _ = trained.get_nb_trainable_parameters()
+    assert saved["trainable_params"] == n_peft > 0
+
+    # Reload with plain PEFT on a fresh base model: the same logits, bit for bit.
+    base, _ = load_base_model(to_spec(cfg, "model"))
+    batch = _batch(obj["datamodule"])
+    ids = obj["datamodule"].label_ids
+    with torch.no_grad():
+        fresh_logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        fresh_label_logits = label_logits(base, batch["input_ids"], batch["attention_mask"], ids)
+    reloaded = PeftModel.from_pretrained(base, str(run / "adapter")).eval()  # wraps `base` in place
+    with torch.no_grad():
+        a = label_logits(trained, batch["input_ids"], batch["attention_mask"], ids)
+        b = label_logits(reloaded, batch["input_ids"], batch["attention_mask"], ids)
+        with trained.disable_adapter():
+            base_after = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(a, b)
+    # Training touched only the adapter: the frozen base computes exactly what a fresh one does.
+    assert torch.equal(base_after, fresh_logits)
+    # ...and the adapter did learn something (its output differs from the base model's).
+    assert not torch.allclose(a, fresh_label_logits)
+
+
+def test_base_weights_bit_identical(tmp_path):
+    cfg = tiny_train_cfg(tmp_path, "adapter=lora")
+    _, obj = train(cfg)
+    fresh, _ = load_base_model(to_spec(cfg, "model"))
+    fresh_sd = fresh.state_dict()
+    trained_sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                  for k, v in obj["model"].state_dict().items() if "lora_" not in k}
+    assert set(trained_sd) == set(fresh_sd)
+    assert all(torch.equal(trained_sd[k], fresh_sd[k]) for k in fresh_sd)
+
+
+def test_resume_after_crash_continues_at_last_checkpoint(tmp_path):
+    cfg = tiny_train_cfg(tmp_path, "trainer.max_steps=6", "+callbacks.crash._target_=tests.helpers.callbacks.CrashAt",
+                         "+callbacks.crash.step=5")
+    with pytest.raises(RuntimeError, match="simulated crash at step 5"):
+        train(cfg)
+    run = Path(cfg.output_dir)
+    assert (run / "checkpoints/last.ckpt").is_file() and not (run / "metrics.json").exists()
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 4
+    # Only the adapter's tensors are checkpointed, not the frozen base model.
+    assert set(ckpt["state_dict"]) == {"model.prompt_encoder.default.embedding.weight"}
+
+    with open_dict(cfg):
+        cfg.callbacks = {}
+    metrics, _ = train(cfg)
+    assert metrics["resumed_from_step"] == 4 and metrics["global_step"] == 6
+
+
+def test_finished_run_is_not_redone_or_overwritten(tmp_path):
+    cfg = tiny_train_cfg(tmp_path)
+    first, _ = train(cfg)
+    path = Path(cfg.output_dir) / "metrics.json"
+    stamp = path.stat().st_mtime_ns
+    again, objects = train(cfg)
+    assert objects == {} and again == first and path.stat().st_mtime_ns == stamp
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = tiny_train_cfg(tmp_path)
+    train(cfg)
+    other = tiny_train_cfg(tmp_path, "adapter.m=8", "skip_finished=false")
+    with pytest.raises(ValueError, match=r"different 'adapter'"):
+        train(other)
+
+
+def test_two_job_multirun_writes_two_runs_in_one_group(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", "-m", "debug=fast", "adapter=prefix,lora", f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
+    assert [m["adapter"] for m in metrics] == ["prefix", "lora"]
+    assert metrics[0]["wandb_group"] == metrics[1]["wandb_group"] == "-".join(sweep.parts[-2:])
+
+
+def test_missing_data_file_is_named(tmp_path):
+    spec = DataSpec(path=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"data\.path={tmp_path}: neither train\.tsv nor train\.tsv\.gz"):
+        load_sst2(spec)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [("text\tlabel\nfoo\t1\n", r"expected a header 'sentence<TAB>label'"),
+     ("sentence\tlabel\ngood film\t1\nbad film\tmaybe\n", r"train\.tsv:3: expected 'sentence<TAB>0\|1'")],
+)
+def test_malformed_data_file_is_named(tmp_path, content, match):
+    (tmp_path / "train.tsv").write_text(content)
+    (tmp_path / "validation.tsv").write_text("sentence\tlabel\nok\t1\n")
+    with pytest.raises(ValueError, match=match):
+        load_sst2(DataSpec(path=str(tmp_path)))
+
+
+def test_shipped_sst2_is_the_glue_split():
+    data = load_sst2(DataSpec())
+    assert len(data["train"]) == 67_349 and len(data["validation"]) == 872
+    assert sum(y for _, y in data["validation"]) == 444  # 428 negative, 444 positive
+
+
+def test_label_logits_are_the_lm_heads_at_the_last_real_token(tmp_path):
+    cfg = tiny_train_cfg(tmp_path)
+    model, tok = load_base_model(to_spec(cfg, "model"))
+    from feta.data import SST2DataModule
+
+    dm = SST2DataModule(to_spec(cfg, "data"), tok, seed=0)
+    batch = _batch(dm, 8)
+    assert (batch["attention_mask"][:, 0] == 1).all() and (batch["attention_mask"] == 0).any()  # right padding
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ours = label_logits(model, batch["input_ids"], batch["attention_mask"], dm.label_ids)
+    last = batch["attention_mask"].sum(1) - 1
+    expected = full[torch.arange(8), last][:, dm.label_ids]
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_train_subset_is_seeded_and_deterministic(tmp_path):
+    from feta.data import SST2DataModule
+
+    cfg = tiny_train_cfg(tmp_path)
+    _, tok = load_base_model(to_spec(cfg, "model"))
+    subsets = []
+    for seed in (0, 0, 1):
+        dm = SST2DataModule(to_spec(cfg, "data"), tok, seed=seed)
+        dm.setup()
+        subsets.append(dm.splits["train"])
+    assert len(subsets[0]) == 64 and subsets[0] == subsets[1] and subsets[0] != subsets[2]
