@@ -247,10 +247,10 @@ def _save(fig, path: Path) -> Path:
 
 
 def _placeholder(path: Path, title: str, text: str) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
     ax.set_axis_off()
     ax.set_title(title, fontsize=13)
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, wrap=True,
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12,
             bbox=dict(boxstyle="round,pad=0.8", facecolor="#f3f3f3", edgecolor="#999999"))
     return _save(fig, path)
 
@@ -365,8 +365,10 @@ def plot_accuracy_summary(df: pd.DataFrame, path: Path) -> Path:
     """Bars of validation accuracy per run, one panel per base model, zero-shot line where a base row exists."""
     models = df["model"].unique().tolist()
     palette = _palette(df["kind"])
-    width = max(5.0, 1.5 + 0.8 * df.groupby("model").size().max())  # ~0.8 inch per bar keeps names apart
-    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 5), sharey=True, squeeze=False)
+    n_bars = [max(1.5, int(((df["model"] == m) & (df["kind"] != "base")).sum())) for m in models]
+    # ~0.8 inch per bar keeps the rotated names apart; panels as wide as their bar count.
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.0, 1.5 + 0.8 * sum(n_bars)), 5), sharey=True,
+                             squeeze=False, gridspec_kw={"width_ratios": n_bars})
     for ax, model in zip(axes[0], models):
         g = df[df["model"] == model]
         bars = g[g["kind"] != "base"]

@@ -28,7 +28,7 @@ def _batch(dm, n=16):
 
 @pytest.mark.parametrize("adapter", ["prefix", "lora"])
 def test_run_writes_contract_and_adapter_round_trips(tmp_path, adapter):
-    cfg = tiny_train_cfg(tmp_path, f"adapter={adapter}", "logger=wandb", "adapter.init=random" if adapter == "prefix" else "adapter.alpha=8")
+    cfg = tiny_train_cfg(tmp_path, f"adapter={adapter}", "logger=wandb", "logger.mode=offline", "adapter.init=random" if adapter == "prefix" else "adapter.alpha=8")
     metrics, obj = train(cfg)
     run = Path(cfg.output_dir)
     for rel in ("config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
