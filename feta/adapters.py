@@ -150,3 +150,57 @@ def load_adapter(base_model, path, is_trainable: bool = False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+
+
+def compiled_lora_config(rank: int, modules: list[str], bias: bool, arch: str) -> LoraConfig:
+    """The LoRA a compiled prefix is written into: scale alpha/r = 1 so B·A is the fitted ΔW.
+
+    rank 0 (bias only) keeps one zero rank slot: PEFT needs r >= 1.
+    """
+    r = max(rank, 1)
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=r, target_modules=modules, lora_bias=bias,
+        fan_in_fan_out=arch == "gpt2", lora_dropout=0.0,
+    )
+
+
+def _give_attention_biases(model) -> None:
+    """Llama's projections have no bias, so PEFT cannot merge a lora_bias into them. Give every
+    attention projection a zero bias and set `attention_bias=True`, the standard config that plain
+    transformers loads back, so the merged model is an ordinary Llama checkpoint."""
+    if getattr(model.config, "model_type", "") not in ("llama",):
+        return
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+            base = getattr(proj, "base_layer", proj)
+            if base.bias is None:
+                base.bias = torch.nn.Parameter(torch.zeros(base.out_features, dtype=base.weight.dtype))
+    model.config.attention_bias = True
+
+
+@torch.no_grad()
+def merge_and_save(base_model, adapter_path, out_path, dtype: str, check_inputs: dict) -> float:
+    """Merge a saved LoRA into `base_model` in `dtype`, save it as safetensors, and return the max
+    abs difference between merged and unmerged logits on `check_inputs` (measured in float32).
+
+    safe_merge=True: PEFT's plain merge can change layer 0 before it raises on a later layer, and a
+    retry then counts it twice; safe_merge checks for NaNs before touching the weights.
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    peft_model = load_adapter(base_model, adapter_path).eval()
+    unmerged = peft_model(**check_inputs).logits.float()
+    if peft_model.peft_config["default"].lora_bias:
+        _give_attention_biases(peft_model.get_base_model())
+    peft_model = peft_model.to(getattr(torch, dtype))
+    merged = peft_model.merge_and_unload(safe_merge=True)
+    diff = float((merged(**check_inputs).logits.float() - unmerged).abs().max())
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(out_path, ignore_errors=True)
+    os.replace(tmp, out_path)
+    return diff

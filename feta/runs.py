@@ -105,3 +105,16 @@ def check_same_config(run_dir: str | Path, cfg: DictConfig) -> None:
                 f"{run_dir} holds a run with a different '{key}' ({OmegaConf.select(old, key)} vs "
                 f"{OmegaConf.select(new, key)}); resume with the same settings or pick another output_dir"
             )
+
+
+def run_specs(cfg: DictConfig):
+    """(ModelSpec, DataSpec, adapter spec) of a saved run config, validated like a fresh one."""
+    from feta.adapters import SPECS
+    from feta.data import DataSpec
+    from feta.models import ModelSpec
+    from feta.schema import to_spec
+
+    kind = cfg.adapter.get("kind")
+    if kind not in SPECS:
+        raise ValueError(f"adapter.kind={kind!r} in the run's config.yaml is unknown; known: {', '.join(SPECS)}")
+    return to_spec(cfg, "model", ModelSpec), to_spec(cfg, "data", DataSpec), to_spec(cfg, "adapter", SPECS[kind])

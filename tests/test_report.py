@@ -29,7 +29,7 @@ def latency(adapter_us: float, merged_us: float | None = None) -> dict:
     if merged_us is not None:
         rows += [
             {"name": "merged", "phase": "prefill", "batch": 1, "us_per_token": merged_us, "iqr_us": 20.0,
-             "ratio_to_base": merged_us / 1500.0},
+             "ratio_to_base": merged_us / 1500.0, "ratio_iqr": 0.03},
             {"name": "merged", "phase": "decode", "batch": 1, "us_per_token": 28000.0, "iqr_us": 300.0,
              "ratio_to_base": 1.0},
         ]
@@ -73,7 +73,8 @@ def make_sweep(root: Path) -> Path:
     compiled = prefix / "compiled-r4"
     compiled.mkdir()
     (compiled / "compile.json").write_text("{}")
-    residuals = {"last": residual_curve(0.2, 0.9), "content": residual_curve(0.1, 0.5), "all": residual_curve(0.05, 0.2)}
+    residuals = {"last": residual_curve(0.2, 0.9), "content": residual_curve(0.1, 0.5),
+                 "all": residual_curve(0.05, 0.2)}
     (compiled / "eval.json").write_text(json.dumps(evaluation(
         compiled, "compiled", "compiled-m16-r4", 0.742, m=16, r=4, agreement_with_source=0.958,
         latency=latency(1700.0, merged_us=1505.0), residuals=residuals)))
@@ -111,6 +112,8 @@ def test_collect_rows_and_skipped(sweep: Path) -> None:
     assert row.loc["lora-r4", "latency_us"] == pytest.approx(1510.0)  # merged row, not adapter (2100)
     assert row.loc["lora-r4", "latency_ratio"] == pytest.approx(1510.0 / 1500.0)
     assert row.loc["lora-r4", "latency_form"] == "merged"
+    assert row.loc["lora-r4", "latency_ratio_iqr"] == pytest.approx(0.03)
+    assert pd.isna(row.loc["prefix-m16", "latency_ratio_iqr"])
     assert row.loc["lora-r4", "decode_ratio"] == pytest.approx(1.0)
     assert row.loc["prefix-m16", "latency_us"] == pytest.approx(1560.0)  # adapter form, batch 1 (not 999 at batch 8)
     assert row.loc["prefix-m16", "latency_form"] == "adapter"
@@ -152,7 +155,7 @@ def test_build_report_files(sweep: Path) -> None:
     assert len(csv) == 3
     assert csv.set_index("name").loc["lora-r4", "val_acc"] == pytest.approx(87.6)
     md = files["md"].read_text()
-    assert "| lora-r4 | 87.6 | 1510 | 1.01× |" in md
+    assert "| lora-r4 | 87.6 | 1510 | 1.01× ±0.03 | 28000 | 1.00× |" in md
     assert "| prefix-m16 | 76.1 | 1560 |" in md and "| 76.1 | 44.1 |" in md
     assert "cpu, float32, 2 threads" in md
     assert "mixes" not in md
@@ -160,14 +163,15 @@ def test_build_report_files(sweep: Path) -> None:
         assert bad in md
     for key in ("acc_vs_latency", "accuracy_summary", "equiv_heatmap"):
         check_png(files[key])
-    # Re-running the report over a sweep that already has one must not pick up report/ as a run.
+    # Re-running over a sweep that already holds report/ gives the same table.
     with pytest.warns(UserWarning, match="4 run"):
         assert len(build_report(sweep)["table"]) == 3
 
 
 def test_mixed_models_and_unknown_kind(tmp_path: Path) -> None:
-    for i, (model, kind, name, acc) in enumerate([("gpt2", "prefix", "prefix-m8", 0.667), ("smollm2", "lora", "lora-r4", 0.877),
-                                                  ("smollm2", "base", "base", 0.786), ("smollm2", "ia3", "ia3", 0.85)]):
+    runs = [("gpt2", "prefix", "prefix-m8", 0.667), ("smollm2", "lora", "lora-r4", 0.877),
+            ("smollm2", "base", "base", 0.786), ("smollm2", "ia3", "ia3", 0.85)]
+    for i, (model, kind, name, acc) in enumerate(runs):
         train_run(tmp_path / str(i), evaluation(tmp_path / str(i), kind, name, acc, model=model,
                                                 m=8 if kind == "prefix" else None, r=4 if kind == "lora" else None))
     with warnings.catch_warnings(record=True) as rec:

@@ -1,0 +1,416 @@
+"""Compile a trained prefix into LoRA weights: prefix behaviour at the base model's inference cost.
+
+The closed form (`method=lstsq`): for every layer l, in order, a LoRA on the attention output
+projection W (input x, per token) is fitted so that the compiled model's residual stream after
+attention matches the prefix model's:
+
+    target_l = h_mid_prefix_l - (h_in_compiled_l + W x_compiled_l)       # (n_tokens, d)
+    min_{rank(ΔW) <= r}  sum_t w_t ||target_t - ΔW x_t||^2 + ridge ||ΔW||^2
+
+"Sequential": x and h_in come from the compiled model itself, layers < l already compiled, so
+the fit also corrects the error earlier layers left. All layers are fitted in ONE forward pass of
+the calibration batch: a pre-hook on each target module fits its LoRA from the activations that
+arrive, writes it, and lets the forward continue through it.
+
+Attention-sink tokens (massive hidden-state norm, usually the first real token) are left out of
+the regression sums by default: their prefix-induced change is orders of magnitude larger than any
+other token's and swamps the least squares (notes/findings.md: r=4 from 70.8% to 86.4% on SmolLM2).
+The adapter still applies to them at inference.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# Per architecture: the attention output projection of layer i, and where the layer's blocks live.
+TARGETS = {
+    "llama": {"o": r"layers\.(\d+)\.self_attn\.o_proj"},
+    "gpt2": {"o": r"h\.(\d+)\.attn\.c_proj"},
+}
+
+
+@dataclass
+class CompileSpec:
+    """Schema of `conf/compile.yaml` (minus ckpt/logging)."""
+
+    rank: int = field(default=4, metadata={"help": "LoRA rank r of the compiled adapter (0 = bias only)."})
+    method: str = field(default="lstsq", metadata={"help": "lstsq | distill | lstsq+distill."})
+    target: str = field(default="o", metadata={"help": "Module the LoRA goes on: o = attention output projection."})
+    bias: bool = field(default=False, metadata={"help": "Fit a per-layer bias with the low-rank map (lora_bias)."})
+    fit_positions: str = field(default="content", metadata={"help": "content (no sinks) | all | last."})
+    last_weight: float = field(default=1.0, metadata={"help": "Weight of the classified (last) token in the fit."})
+    sink_ratio: float = field(default=20.0, metadata={"help": "A token is a sink if its norm > ratio x median."})
+    ridge: float = field(default=1e-4, metadata={"help": "Ridge, relative to the mean eigenvalue of X^T X."})
+    calib_size: int = field(default=512, metadata={"help": "Calibration sentences (training split)."})
+    calib_max_length: int = field(default=64, metadata={"help": "Truncate calibration prompts (tokens)."})
+    eval_size: int = field(default=128, metadata={"help": "Held-out validation sentences for residuals."})
+    distill_steps: int = field(default=100, metadata={"help": "Gradient steps for the distill methods."})
+    distill_lr: float = field(default=3e-4, metadata={"help": "Learning rate for distillation."})
+    distill_batch_size: int = field(default=16, metadata={"help": "Batch size for distillation."})
+
+    def __post_init__(self) -> None:
+        from feta.schema import check_choice
+
+        check_choice("method", self.method, ("lstsq", "distill", "lstsq+distill"))
+        check_choice("fit_positions", self.fit_positions, ("content", "all", "last"))
+        if self.rank < 0:
+            raise ValueError(f"rank must be a positive int (LoRA rank), got {self.rank}")
+        if self.rank == 0 and not self.bias:
+            raise ValueError("rank=0 with bias=false leaves nothing to fit: set rank >= 1 or bias=true")
+        if self.rank == 0 and self.method != "lstsq":
+            raise ValueError(f"rank=0 (bias only) needs method=lstsq, got method={self.method}")
+        if self.bias and self.method == "distill":
+            raise ValueError("bias=true is a closed-form option: use method=lstsq or lstsq+distill")
+        for key in ("calib_size", "calib_max_length", "eval_size", "distill_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive int, got {getattr(self, key)}")
+        if self.ridge < 0 or self.last_weight <= 0 or self.sink_ratio <= 1:
+            raise ValueError(
+                f"need ridge >= 0, last_weight > 0, sink_ratio > 1; got {self.ridge}, {self.last_weight}, {self.sink_ratio}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure math: tensors in, tensors out.
+
+
+def detect_sinks(h: Tensor, mask: Tensor, ratio: float) -> Tensor:
+    """Attention-sink / massive-activation tokens: hidden-state norm above `ratio` x the median.
+
+    h: (B, T, d) hidden states, mask: (B, T) 1 for real tokens. Returns (B, T) bool.
+    """
+    norms = h.norm(dim=-1)  # (B, T)
+    median = norms[mask.bool()].median()
+    return (norms > ratio * median) & mask.bool()
+
+
+def reduced_rank_fit(
+    X: Tensor, T: Tensor, rank: int, ridge: float = 1e-4, bias: bool = False, w: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Weighted ridge reduced-rank regression T ≈ X ΔWᵀ (+ b), ΔW = B·A of rank <= `rank`.
+
+    X: (n, d_in), T: (n, d_out), w: (n,) row weights. Returns A (rank, d_in), B (d_out, rank) and
+    b (d_out,) or None. Computed in float64: X^T X of LLM activations spans many orders of magnitude.
+    The rank truncation keeps the top directions of the fitted values X·ΔW_ridgeᵀ (the metric of the
+    inputs), which is the optimal rank-r solution of the (unregularized) weighted problem.
+    """
+    X, T = X.double(), T.double()
+    w = torch.ones(X.shape[0], dtype=X.dtype) if w is None else w.double()
+    d_in, d_out = X.shape[1], T.shape[1]
+    if bias:  # the bias is unpenalized: centre with the weighted means and solve for it last
+        mx = (w[:, None] * X).sum(0) / w.sum()
+        mt = (w[:, None] * T).sum(0) / w.sum()
+        X, T = X - mx, T - mt
+    sw = w.sqrt()[:, None]
+    Xw, Tw = X * sw, T * sw
+    gram = Xw.T @ Xw  # (d_in, d_in)
+    lam = ridge * gram.diagonal().mean()
+    coef = torch.linalg.solve(gram + lam * torch.eye(d_in, dtype=X.dtype), Xw.T @ Tw)  # (d_in, d_out)
+    if rank > 0:
+        fitted = Xw @ coef  # (n, d_out)
+        _, _, Vh = torch.linalg.svd(fitted, full_matrices=False)  # top right singular vectors
+        V = Vh[:rank].T  # (d_out, rank)
+        A, B = (coef @ V).T, V  # (rank, d_in), (d_out, rank)
+    else:
+        A, B = torch.zeros(0, d_in, dtype=X.dtype), torch.zeros(d_out, 0, dtype=X.dtype)
+    b = (mt - (B @ (A @ mx))) if bias else None
+    return A, B, b
+
+
+def relative_residual(h_compiled: Tensor, h_prefix: Tensor, h_base: Tensor, select: Tensor) -> float:
+    """‖h_compiled − h_prefix‖ / ‖h_prefix − h_base‖ over the selected tokens (Frobenius).
+
+    0 = the compiled model reproduces the prefix, 1 = no better than the base model.
+    h_*: (B, T, d), select: (B, T) bool.
+    """
+    num = (h_compiled - h_prefix)[select].double().norm()
+    den = (h_prefix - h_base)[select].double().norm()
+    return float(num / den.clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking the model.
+
+
+def target_modules(model: torch.nn.Module, arch: str, target: str) -> dict[int, str]:
+    """{layer index: module name} of the compile target in every layer."""
+    if target not in TARGETS[arch]:
+        raise ValueError(f"target={target} is not supported for {arch}; supported: {', '.join(TARGETS[arch])}")
+    pattern = re.compile(r"(?:^|\.)" + TARGETS[arch][target] + r"$")
+    found = {}
+    for name, _ in model.named_modules():
+        match = pattern.search(name)
+        if match:
+            found[int(match.group(1))] = name
+    if not found:
+        raise ValueError(f"no module matches {TARGETS[arch][target]} in this {arch} model")
+    return dict(sorted(found.items()))
+
+
+def _parent_layer(model: torch.nn.Module, module_name: str) -> torch.nn.Module:
+    """The decoder block that contains `module_name` (its grandparent: block.attn.proj)."""
+    return model.get_submodule(module_name.rsplit(".", 2)[0])
+
+
+def _layer_input(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, target: str) -> tuple[dict[int, Tensor], Tensor]:
+    """Per layer, the prefix model's residual stream right after attention, h_mid = h_in + attn_out
+    (B, T, d); and its layer-0... last hidden states, for sink detection."""
+    base = prefix_model.get_base_model()
+    names = target_modules(base, arch, target)
+    h_in, h_mid, hooks = {}, {}, []
+    for i, name in names.items():
+        hooks.append(_parent_layer(base, name).register_forward_pre_hook(
+            lambda m, a, k, i=i: h_in.__setitem__(i, _layer_input(a, k)), with_kwargs=True))
+        hooks.append(base.get_submodule(name).register_forward_hook(
+            lambda m, a, out, i=i: h_mid.__setitem__(i, h_in[i] + out)))
+    try:
+        out = prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return h_mid, torch.stack(out.hidden_states)  # (L+1, B, T, d)
+
+
+def fit_weights(batch: dict[str, Tensor], hidden: Tensor, spec: CompileSpec) -> tuple[Tensor, dict]:
+    """Per-token regression weights (B, T) from `fit_positions`, and a record of what was dropped."""
+    mask = batch["attention_mask"].bool()
+    last = batch["attention_mask"].sum(1) - 1
+    is_last = torch.zeros_like(mask)
+    is_last[torch.arange(mask.shape[0]), last] = True
+    # A token is a sink if it is one at any layer: massive activations appear a few layers in.
+    sinks = torch.stack([detect_sinks(h, mask, spec.sink_ratio) for h in hidden[1:]]).any(0) & ~is_last
+    if spec.fit_positions == "all":
+        keep = mask
+    elif spec.fit_positions == "last":
+        keep = is_last
+    else:
+        keep = mask & ~sinks
+    w = keep.double() * torch.where(is_last, spec.last_weight, 1.0).double()
+    positions = sinks.nonzero()[:, 1]
+    record = {
+        "fit_positions": spec.fit_positions,
+        "tokens_total": int(mask.sum()),
+        "tokens_fitted": int(keep.sum()),
+        "sinks_detected": int(sinks.sum()),
+        "sink_positions": {int(p): int((positions == p).sum()) for p in positions.unique()},
+        "sink_rule": f"hidden-state norm > {spec.sink_ratio} x median at any layer",
+    }
+    return w, record
+
+
+@torch.no_grad()
+def fit_lstsq(lora_model, prefix_h_mid: dict[int, Tensor], batch: dict[str, Tensor], weights: Tensor,
+              arch: str, spec: CompileSpec) -> dict[int, dict]:
+    """Fit every layer's LoRA in one forward pass of the compiled model (see module docstring)."""
+    base = lora_model.get_base_model()
+    names = target_modules(base, arch, spec.target)
+    select = weights > 0  # (B, T)
+    w = weights[select]
+    h_in, stats, hooks = {}, {}, []
+
+    def fit_here(module, args, i):
+        x = args[0]  # (B, T, d_in)
+        h_in_c = h_in[i]
+        # What attention must add so the stream matches the prefix model's: (n, d_out).
+        target = (prefix_h_mid[i] - h_in_c - module.base_layer(x))[select]
+        A, B, b = reduced_rank_fit(x[select], target, spec.rank, spec.ridge, spec.bias, w)
+        _write_lora(module, A, B, b)
+        resid = target.double() - (x[select].double() @ A.T @ B.T + (b if b is not None else 0))
+        stats[i] = {"fit_residual": float((resid.norm() / target.double().norm().clamp_min(1e-30)))}
+
+    for i, name in names.items():
+        hooks.append(_parent_layer(base, name).register_forward_pre_hook(
+            lambda m, a, k, i=i: h_in.__setitem__(i, _layer_input(a, k)), with_kwargs=True))
+        hooks.append(base.get_submodule(name).register_forward_pre_hook(lambda m, a, i=i: fit_here(m, a, i)))
+    try:
+        lora_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _write_lora(module, A: Tensor, B: Tensor, b: Tensor | None) -> None:
+    """Load (A, B, b) into a PEFT LoRA layer of rank A.shape[0] whose scale is 1 (alpha = r)."""
+    name = module.active_adapters[0]
+    lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+    r = lora_A.weight.shape[0]
+    dtype = lora_A.weight.dtype
+    lora_A.weight.zero_()
+    lora_B.weight.zero_()
+    lora_A.weight[: A.shape[0]] = A.to(dtype)  # rank 0 (bias only) leaves the rank-1 slot at zero
+    lora_B.weight[:, : B.shape[1]] = B.to(dtype)
+    if b is not None:
+        lora_B.bias.copy_(b.to(dtype))
+    assert module.scaling[name] == 1.0, f"compiled LoRA expects scale 1, got {module.scaling[name]} (r={r})"
+
+
+@torch.no_grad()
+def layer_residuals(base_model, prefix_model, compiled_model, batch: dict[str, Tensor], sink_ratio: float) -> dict:
+    """Per-layer relative residuals (DESIGN.md) at the classified position, over content tokens
+    (no sinks), and over all tokens, on a held-out batch; plus the three models' predictions."""
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
+    h = {k: torch.stack(m(**kw).hidden_states)[1:] for k, m in  # (L, B, T, d); layer 0 = embeddings
+         (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}
+    mask = batch["attention_mask"].bool()
+    last = torch.zeros_like(mask)
+    last[torch.arange(mask.shape[0]), batch["attention_mask"].sum(1) - 1] = True
+    sinks = torch.stack([detect_sinks(x, mask, sink_ratio) for x in h["prefix"]]).any(0) & ~last
+    selections = {"last": last, "content": mask & ~sinks, "all": mask}
+    return {
+        key: [relative_residual(h["compiled"][l], h["prefix"][l], h["base"][l], sel) for l in range(h["base"].shape[0])]
+        for key, sel in selections.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry: a prefix run directory in, a compiled directory out.
+
+
+def check_source(run_dir, spec: CompileSpec, model_override: str | None = None):
+    """Validate a prefix run before anything is loaded or written; returns (run cfg, adapter dir)."""
+    from feta import runs
+
+    cfg = runs.load_run_config(run_dir)
+    if cfg.adapter.kind != "prefix":
+        raise ValueError(
+            f"ckpt={run_dir} is a {cfg.adapter.kind} run; compile turns a prefix run into LoRA "
+            "(a LoRA or other weight-space adapter merges directly with PEFT's merge_and_unload)"
+        )
+    if model_override and model_override != cfg.model.name:
+        raise ValueError(f"model={model_override} but the prefix in ckpt={run_dir} was trained on {cfg.model.name}")
+    path = runs.adapter_dir(run_dir)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise ValueError(f"ckpt={run_dir}: adapter/adapter_model.safetensors is corrupt ({e}); retrain or restore it") from e
+    if not keys:
+        raise ValueError(f"ckpt={run_dir}: adapter/adapter_model.safetensors holds no tensors")
+    return cfg, path
+
+
+def calibration_batches(datamodule, spec: CompileSpec, seed: int) -> tuple[dict, dict]:
+    """A seeded sample of the run's training prompts (the fit) and the first validation prompts (held out)."""
+    datamodule.setup()
+    train = datamodule.splits["train"]
+    g = torch.Generator().manual_seed(seed + 1)  # not the training subset's permutation
+    idx = torch.randperm(len(train), generator=g)[: spec.calib_size].tolist()
+    tok = datamodule.tokenizer
+
+    def encode(rows, max_length):
+        texts = [datamodule.spec.prompt.format(sentence=s) for s, _ in rows]
+        return dict(tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+    calib = encode([train[i] for i in idx], spec.calib_max_length)
+    held_out = encode(datamodule.splits["validation"][: spec.eval_size], datamodule.spec.max_length)
+    return calib, held_out
+
+
+def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None = None) -> dict:
+    """Compile the prefix of `run_dir` into a PEFT LoRA adapter at `out_dir`/adapter; returns compile.json."""
+    import copy
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    from feta import runs
+    from feta.adapters import compiled_lora_config, load_adapter
+    from feta.data import SST2DataModule
+    from feta.models import load_base_model
+    from peft import get_peft_model
+
+    cfg, path = check_source(run_dir, spec, model_override)
+    model_spec, data_spec, _ = runs.run_specs(cfg)
+    base, tokenizer = load_base_model(model_spec)
+    names = target_modules(base, model_spec.arch, spec.target)
+    width = min(_module_shape(base.get_submodule(n)) for n in names.values())
+    if spec.rank > width:
+        raise ValueError(f"rank={spec.rank} exceeds the width of {spec.target} ({width}); use rank <= {width}")
+    start = time.perf_counter()
+    dm = SST2DataModule(data_spec, tokenizer, seed=cfg.seed)
+    calib, held_out = calibration_batches(dm, spec, cfg.seed)
+
+    prefix_model = load_adapter(copy.deepcopy(base), path).eval()
+    h_mid, hidden = prefix_stream(prefix_model, calib, model_spec.arch, spec.target)
+    weights, positions = fit_weights(calib, hidden, spec)
+    del hidden
+    lora_cfg = compiled_lora_config(spec.rank, list(names.values()), spec.bias, model_spec.arch)
+    compiled = get_peft_model(copy.deepcopy(base), lora_cfg).eval()
+    stats = {}
+    if spec.method in ("lstsq", "lstsq+distill"):
+        stats = fit_lstsq(compiled, h_mid, calib, weights, model_spec.arch, spec)
+    del h_mid
+    if "distill" in spec.method:
+        from feta.distill import distill
+
+        stats["distill"] = distill(compiled, prefix_model, dm, spec, cfg.seed)
+    fit_time = time.perf_counter() - start
+    residuals = layer_residuals(base, prefix_model, compiled.eval(), held_out, spec.sink_ratio)
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    compiled.save_pretrained(str(tmp / runs.ADAPTER))
+    record = {
+        "source_run": str(Path(run_dir).resolve()),
+        "model": model_spec.name,
+        "method": spec.method,
+        "rank": spec.rank,
+        "bias": spec.bias,
+        "target": spec.target,
+        "target_modules": list(names.values()),
+        "calibration": {"sentences": spec.calib_size, "max_length": spec.calib_max_length, **positions},
+        "eval_sentences": spec.eval_size,
+        "residuals": residuals,
+        "residual_last_final": residuals["last"][-1],
+        "residual_last_mean": sum(residuals["last"]) / len(residuals["last"]),
+        "residual_content_mean": sum(residuals["content"]) / len(residuals["content"]),
+        "fit_stats": stats,
+        "fit_time_s": fit_time,
+        "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+    }
+    runs.write_json(tmp / "compile.json", record)
+    if out_dir.exists():  # only reached with overwrite=true (checked by the caller)
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)  # the finished directory appears whole or not at all
+    return record
+
+
+def _module_shape(module: torch.nn.Module) -> int:
+    w = module.weight
+    return min(w.shape)
+
+
+def merge_compiled(compiled_dir, dtype: str) -> dict:
+    """Merge the saved compiled adapter into a fresh base model (plain PEFT load), save `merged/`,
+    and report the max abs logit difference between merged and unmerged."""
+    from pathlib import Path
+
+    from feta import runs
+    from feta.adapters import merge_and_save
+    from feta.data import SST2DataModule
+    from feta.models import load_base_model
+
+    record = runs.read_json(Path(compiled_dir) / "compile.json")
+    cfg = runs.load_run_config(record["source_run"])
+    model_spec, data_spec, _ = runs.run_specs(cfg)
+    base, tokenizer = load_base_model(model_spec)
+    dm = SST2DataModule(data_spec, tokenizer)
+    dm.setup()
+    batch = dm.collate(dm.splits["validation"][:16])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    diff = merge_and_save(base, Path(compiled_dir) / runs.ADAPTER, Path(compiled_dir) / "merged", dtype, inputs)
+    return {"dtype": dtype, "max_abs_logit_diff": diff, "path": "merged"}
