@@ -38,9 +38,9 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     out = out_dir_for(cfg, spec)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it or out_dir=<another dir>")
-    check_source(cfg.ckpt, spec, cfg.model)  # fail before the model loads
+    check_source(cfg.ckpt, spec, cfg.base_model)  # fail before the model loads
 
-    record = compile_run(cfg.ckpt, spec, out, model_override=cfg.model)
+    record = compile_run(cfg.ckpt, spec, out, model_override=cfg.base_model)
     if cfg.merge:
         record["merge"] = merge_compiled(out, cfg.merge_dtype)
         runs.write_json(out / "compile.json", record)

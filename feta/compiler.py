@@ -287,7 +287,7 @@ def check_source(run_dir, spec: CompileSpec, model_override: str | None = None):
             "(a LoRA or other weight-space adapter merges directly with PEFT's merge_and_unload)"
         )
     if model_override and model_override != cfg.model.name:
-        raise ValueError(f"model={model_override} but the prefix in ckpt={run_dir} was trained on {cfg.model.name}")
+        raise ValueError(f"base_model={model_override} but the prefix in ckpt={run_dir} was trained on {cfg.model.name}")
     path = runs.adapter_dir(run_dir)
     from safetensors import safe_open
 

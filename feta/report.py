@@ -46,12 +46,13 @@ REFERENCE = {
     ("compiled", 32, 4): (77.1, 69.7),
 }
 REFERENCE_MODEL = "gpt2"
-REFERENCE_NOTE = "reference: GPT-2 on CUDA (latency not comparable with another device)"
+REFERENCE_NOTE = "reference run: GPT-2 small on CUDA, latency not comparable with another device"
 REFERENCE_RESIDUALS = "0.6–0.98"
 COLUMNS = [
-    "name", "kind", "model", "m", "r", "trainable_params", "val_acc", "agreement", "latency_us", "latency_ratio",
-    "decode_us", "decode_ratio", "residual_last_mean", "residual_last_max", "residual_content_mean",
-    "ref_acc", "ref_latency_us", "ref_note", "latency_form", "device", "dtype", "threads", "val_size", "run",
+    "name", "kind", "model", "m", "r", "trainable_params", "val_acc", "agreement",
+    "latency_us", "latency_ratio", "latency_ratio_iqr", "decode_us", "decode_ratio", "decode_ratio_iqr",
+    "residual_last_mean", "residual_last_max", "residual_content_mean", "ref_acc", "ref_latency_us", "ref_note",
+    "latency_form", "device", "dtype", "threads", "val_size", "run",
 ]
 # -----------------------------------------------------------------------------
 
@@ -88,14 +89,15 @@ def _check_eval(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
     return ev, ""
 
 
-def _latency(lat: dict | None, phase: str, names: tuple[str, ...]) -> tuple[float, float, str | None]:
-    """(µs/token, ratio to base, form) of the first form in `names` measured at batch 1 in `phase`."""
+def _latency(lat: dict | None, phase: str, names: tuple[str, ...]) -> tuple[float, float, float, str | None]:
+    """(µs/token, ratio to base, IQR of that ratio, form) of the first form in `names` at batch 1 in `phase`."""
     rows = (lat or {}).get("rows") or []
     for name in names:
         for row in rows:
             if row.get("name") == name and row.get("phase") == phase and row.get("batch", 1) == 1:
-                return float(row.get("us_per_token", math.nan)), float(row.get("ratio_to_base", math.nan)), name
-    return math.nan, math.nan, None
+                get = lambda k: float(row[k]) if isinstance(row.get(k), (int, float)) else math.nan  # noqa: E731
+                return get("us_per_token"), get("ratio_to_base"), get("ratio_iqr"), name
+    return math.nan, math.nan, math.nan, None
 
 
 def _pct(x: Any) -> float:
@@ -112,8 +114,8 @@ def _row(ev: dict[str, Any], rel: str) -> dict[str, Any]:
     lat = ev.get("latency")
     # The base model's own eval has only "base" rows; an adapter never falls back to them.
     names = ("base",) if kind == "base" else DEPLOYED
-    latency_us, latency_ratio, form = _latency(lat, "prefill", names)
-    decode_us, decode_ratio, _ = _latency(lat, "decode", names)
+    latency_us, latency_ratio, latency_ratio_iqr, form = _latency(lat, "prefill", names)
+    decode_us, decode_ratio, decode_ratio_iqr, _ = _latency(lat, "decode", names)
     res = ev.get("residuals") or {}
     m, r = ev.get("m"), ev.get("r")
     ref = REFERENCE.get((kind, m, r)) if model == REFERENCE_MODEL else None
@@ -121,7 +123,8 @@ def _row(ev: dict[str, Any], rel: str) -> dict[str, Any]:
         "name": str(ev["name"]), "kind": kind, "model": model, "m": m, "r": r,
         "trainable_params": ev.get("trainable_params"),
         "val_acc": _pct(ev["val_acc"]), "agreement": _pct(ev.get("agreement_with_source")),
-        "latency_us": latency_us, "latency_ratio": latency_ratio, "decode_us": decode_us, "decode_ratio": decode_ratio,
+        "latency_us": latency_us, "latency_ratio": latency_ratio, "latency_ratio_iqr": latency_ratio_iqr,
+        "decode_us": decode_us, "decode_ratio": decode_ratio, "decode_ratio_iqr": decode_ratio_iqr,
         "residual_last_mean": _stat(res.get("last"), np.mean), "residual_last_max": _stat(res.get("last"), np.max),
         "residual_content_mean": _stat(res.get("content"), np.mean),
         "ref_acc": ref[0] if ref else math.nan, "ref_latency_us": ref[1] if ref else math.nan,
@@ -193,6 +196,11 @@ def _fmt_us(x: Any) -> str:
     return _fmt(x, ".0f" if not pd.isna(x) and x >= 100 else ".1f")
 
 
+def _fmt_ratio(ratio: Any, iqr: Any) -> str:
+    # The IQR beside the ratio: on CPU most ratios sit within the noise (notes/findings.md).
+    return _fmt(ratio, ".2f", "×") + ("" if pd.isna(iqr) or pd.isna(ratio) else f" ±{iqr:.2f}")
+
+
 def _setup_line(df: pd.DataFrame) -> str:
     setups = df.dropna(subset=["device"])[["device", "dtype", "threads"]].drop_duplicates()
     if setups.empty:
@@ -200,7 +208,8 @@ def _setup_line(df: pd.DataFrame) -> str:
     text = "; ".join(f"{s.device}, {s.dtype}, {_fmt(s.threads)} threads" for s in setups.itertuples())
     warn = " (more than one setup: latencies are not comparable across them)" if len(setups) > 1 else ""
     return (f"Latency: µs/token at prefill, batch 1, in the deployed form (merged LoRA where measured, else the "
-            f"adapter), and its ratio to the base model timed in the same process; measured on {text}{warn}.")
+            f"adapter), and its ratio to the base model timed in the same process (± the IQR of that ratio where "
+            f"measured); measured on {text}{warn}.")
 
 
 def _markdown(df: pd.DataFrame, skipped: list[str]) -> str:
@@ -213,17 +222,20 @@ def _markdown(df: pd.DataFrame, skipped: list[str]) -> str:
     lines += [
         f"Validation accuracy (%) on {' / '.join(map(str, sizes)) or 'an unknown number of'} examples; "
         f"{len(df)} evaluated run(s). " + _setup_line(df),
-        "Agreement: share of a compiled model's predictions equal to its source prefix's. "
-        f"Reference columns: {REFERENCE_NOTE}; its compiled residuals were {REFERENCE_RESIDUALS}.", "",
+        "Agreement: share of a compiled model's predictions equal to its source prefix's. Reference columns: "
+        "the reference run (GPT-2 small on CUDA, so its latency is not comparable with another device; its "
+        f"compiled residuals were {REFERENCE_RESIDUALS}), filled only where model and setting match.", "",
     ]
     head = ["model", "acc %", "latency µs/token", "ratio to base", "decode µs/token", "decode ratio",
             "trainable params", "agreement %", "residual (last) mean / max", "ref acc %", "ref latency µs/token"]
     for model, g in df.groupby("model", sort=False):
         lines += [f"## {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in g.itertuples():
-            res = "—" if pd.isna(row.residual_last_mean) else f"{row.residual_last_mean:.2f} / {row.residual_last_max:.2f}"
-            cells = [row.name, _fmt(row.val_acc, ".1f"), _fmt_us(row.latency_us), _fmt(row.latency_ratio, ".2f", "×"),
-                     _fmt_us(row.decode_us), _fmt(row.decode_ratio, ".2f", "×"), _fmt(row.trainable_params, ","),
+            res = (f"{row.residual_last_mean:.2f} / {row.residual_last_max:.2f}"
+                   if not pd.isna(row.residual_last_mean) else "—")
+            cells = [row.name, _fmt(row.val_acc, ".1f"), _fmt_us(row.latency_us),
+                     _fmt_ratio(row.latency_ratio, row.latency_ratio_iqr), _fmt_us(row.decode_us),
+                     _fmt_ratio(row.decode_ratio, row.decode_ratio_iqr), _fmt(row.trainable_params, ","),
                      _fmt(row.agreement, ".1f"), res, _fmt(row.ref_acc, ".1f"), _fmt(row.ref_latency_us, ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -279,8 +291,7 @@ def _place_labels(ax, items: list[tuple[float, float, str, dict]], fontsize: flo
         moved = abs(y_lab - y) > 0.5 * h
         ax.annotate(text, ax.transData.inverted().transform((x, y)), xytext=(7, (y_lab - y) / px),
                     textcoords="offset points", fontsize=fontsize, va="center",
-                    arrowprops=dict(arrowstyle="-", color="#aaaaaa", lw=0.6, shrinkA=0, shrinkB=4) if moved else None,
-                    **kw)
+                    arrowprops=dict(arrowstyle="-", color="#aaaaaa", lw=0.6, shrinkB=4) if moved else None, **kw)
 
 
 def _labels(df: pd.DataFrame, sep: str = " ") -> pd.Series:
@@ -373,8 +384,8 @@ def plot_accuracy_summary(df: pd.DataFrame, path: Path) -> Path:
         g = df[df["model"] == model]
         bars = g[g["kind"] != "base"]
         bars = bars.assign(label=_labels(bars))
-        sns.barplot(data=bars, x="label", y="val_acc", hue="kind", hue_order=[k for k in palette if k in set(bars["kind"])],
-                    palette=palette, dodge=False, ax=ax, legend=True)
+        sns.barplot(data=bars, x="label", y="val_acc", hue="kind", palette=palette, dodge=False, ax=ax,
+                    hue_order=[k for k in palette if k in set(bars["kind"])])
         # Values inside the bar tops, so the reference ticks just above stay readable.
         for i, acc in enumerate(bars["val_acc"]):
             ax.text(i, acc - 1.5, f"{acc:.1f}", ha="center", va="top", fontsize=8, color="white", fontweight="bold")
@@ -383,7 +394,8 @@ def plot_accuracy_summary(df: pd.DataFrame, path: Path) -> Path:
             ax.scatter(np.arange(len(bars)), ref, marker="_", s=500, linewidths=2, color="black", zorder=4,
                        label="reference (GPT-2, CUDA)")
         for row in g[g["kind"] == "base"].itertuples():
-            ax.axhline(row.val_acc, color="#333333", ls="--", lw=1.2, label=f"base model, zero-shot ({row.val_acc:.1f}%)")
+            ax.axhline(row.val_acc, color="#333333", ls="--", lw=1.2,
+                       label=f"base model, zero-shot ({row.val_acc:.1f}%)")
         ax.set_title(f"{model}", fontsize=11)
         ax.set_xlabel("")
         ax.set_ylabel("validation accuracy (%)")
@@ -398,7 +410,8 @@ def plot_accuracy_summary(df: pd.DataFrame, path: Path) -> Path:
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    axes[0][-1].legend(legend.values(), legend.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1),
+    keys = [k for k in palette if k in legend] + [k for k in legend if k not in palette]
+    axes[0][-1].legend([legend[k] for k in keys], keys, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1),
                        borderaxespad=0)
     fig.suptitle("Validation accuracy per run" + (" (one panel per base model)" if len(models) > 1 else ""),
                  fontsize=12)
@@ -439,7 +452,8 @@ def plot_equiv_heatmap(df: pd.DataFrame, residuals: dict[str, dict], path: Path,
         for t in ax.get_xticklabels():
             t.set_ha("right")
             t.set_rotation_mode("anchor")
-    where = {"last": "classified (last) position", "content": "content tokens", "all": "all tokens"}.get(position, position)
+    where = {"last": "classified (last) position", "content": "content tokens", "all": "all tokens"}.get(
+        position, position)
     ax.set_title(f"Compile residual per layer, {where}\n‖h_compiled − h_prefix‖ / ‖h_prefix − h_base‖ "
                  "(1 = no better than the base model)", fontsize=10)
     return _save(fig, path)

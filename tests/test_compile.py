@@ -1,0 +1,205 @@
+"""compile.py: the closed-form fit on synthetic data with known answers, and on gpt2_tiny / llama_tiny runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from compile import compile_prefix
+from feta import runs
+from feta.compiler import CompileSpec, detect_sinks, fit_lstsq, prefix_stream, reduced_rank_fit
+from feta.models import load_base_model
+from tests.conftest import compose_cfg, tiny_train_cfg
+from train import train
+
+
+# ------------------------------------------------------------------ pure math, known answers
+
+
+def _low_rank_problem(n=400, d_in=32, d_out=24, r=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    W = torch.randn(d_out, r, generator=g, dtype=torch.float64) @ torch.randn(r, d_in, generator=g, dtype=torch.float64)
+    b = 3 * torch.randn(d_out, generator=g, dtype=torch.float64)
+    return X, W, b
+
+
+def test_rank_r_map_and_bias_are_recovered_only_with_bias():
+    X, W, b = _low_rank_problem()
+    T = X @ W.T + b
+    A, B, b_hat = reduced_rank_fit(X, T, rank=3, ridge=0.0, bias=True)
+    torch.testing.assert_close(B @ A, W, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b_hat, b, atol=1e-5, rtol=0)
+    # Row space: W's rows lie in span(A).
+    proj = A.T @ torch.linalg.pinv(A.T)
+    assert (W @ proj - W).abs().max() < 1e-5
+    A0, B0, none = reduced_rank_fit(X, T, rank=3, ridge=0.0, bias=False)
+    assert none is None and (B0 @ A0 - W).abs().max() > 1e-2  # the offset leaks into the map
+
+
+def test_rank_truncation_is_monotone_and_exact_at_true_rank():
+    X, W, _ = _low_rank_problem(r=5)
+    T = X @ W.T + 0.01 * torch.randn(X.shape[0], W.shape[0], dtype=torch.float64)
+    errs = []
+    for r in (1, 2, 3, 4, 5, 24):
+        A, B, _ = reduced_rank_fit(X, T, rank=r, ridge=0.0)
+        errs.append(float((T - X @ (B @ A).T).norm() / T.norm()))
+    assert all(a > b for a, b in zip(errs, errs[1:5])), errs
+    assert errs[4] < 0.01 and abs(errs[5] - errs[4]) < 0.01  # rank 5 already explains all but noise
+
+
+def test_planted_sink_is_detected_and_left_out():
+    X, W, _ = _low_rank_problem(n=300, r=2)
+    h = torch.randn(30, 10, X.shape[1], dtype=torch.float64)
+    h[:, 0] *= 100  # massive activation at the first token of every row
+    mask = torch.ones(30, 10)
+    mask[5:, 8:] = 0
+    sinks = detect_sinks(h, mask, ratio=20.0)
+    assert sinks[:, 0].all() and not sinks[:, 1:].any()
+    # The sink tokens carry a huge target that does not follow W; the rest follow W exactly.
+    Xt, Tt = h.reshape(-1, X.shape[1]), (h @ W.T).reshape(-1, W.shape[0])
+    Tt = Tt.clone()
+    sink_rows = sinks.reshape(-1)
+    Tt[sink_rows] = 1e3 * torch.randn(int(sink_rows.sum()), W.shape[0], dtype=torch.float64)
+    keep = (mask.reshape(-1) > 0)
+    A, B, _ = reduced_rank_fit(Xt[keep & ~sink_rows], Tt[keep & ~sink_rows], rank=2, ridge=0.0)
+    assert (B @ A - W).abs().max() < 1e-6
+    A, B, _ = reduced_rank_fit(Xt[keep], Tt[keep], rank=2, ridge=0.0)
+    assert (B @ A - W).abs().max() > 0.1
+
+
+def test_zero_effect_source_compiles_to_a_zero_lora():
+    """A source adapter with no effect gives all-zero targets: the fitted LoRA must be exactly zero.
+    (It fails if the captured streams are misaligned between the two passes.)"""
+    cfg = compose_cfg("train", ["model=gpt2_tiny"])
+    from feta.schema import to_spec
+
+    base, tok = load_base_model(to_spec(cfg, "model"))
+    source = get_peft_model(base, LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))  # B = 0: no effect
+    tok.pad_token = tok.eos_token
+    batch = dict(tok(["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"], return_tensors="pt", padding=True))
+    h_mid, _ = prefix_stream(source, batch, "gpt2", "o")
+    fresh, _ = load_base_model(to_spec(cfg, "model"))
+    compiled = get_peft_model(fresh, LoraConfig(r=2, lora_alpha=2, target_modules=r".*attn\.c_proj", fan_in_fan_out=True))
+    fit_lstsq(compiled, h_mid, batch, batch["attention_mask"].double(), "gpt2", CompileSpec(rank=2))
+    # Zero up to float32 roundoff of the captured streams (~1e-7 relative); a misaligned capture
+    # (wrong layer, shifted positions) gives a delta of the order of the weights themselves.
+    for layer in compiled.get_base_model().transformer.h:
+        proj = layer.attn.c_proj
+        delta = proj.lora_B["default"].weight @ proj.lora_A["default"].weight
+        assert delta.norm() < 1e-6 * proj.base_layer.weight.norm(), float(delta.norm())
+
+
+# ------------------------------------------------------------------ on trained tiny runs
+
+
+@pytest.fixture(scope="module")
+def prefix_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prefix")
+    cfg = tiny_train_cfg(tmp, "adapter.init=random", "adapter.m=8", "trainer.max_steps=8", "data.train_limit=256")
+    train(cfg)
+    return Path(cfg.output_dir)
+
+
+def compile_cfg(ckpt, *overrides):
+    cfg = compose_cfg("compile", [f"ckpt={ckpt}", "logger=csv", "calib_size=64", "eval_size=32", *overrides])
+    return cfg
+
+
+def test_residual_falls_with_rank(prefix_run):
+    res = {}
+    for r in (1, 4, 64):  # gpt2_tiny: d = 64, so 64 is full rank
+        rec = compile_prefix(compile_cfg(prefix_run, f"rank={r}"))
+        res[r] = rec["residual_content_mean"]
+        assert len(rec["residuals"]["last"]) == 2 and all(0 <= v < 10 for v in rec["residuals"]["last"])
+    assert res[1] > res[4] > res[64], res
+    assert res[64] < 0.9 * res[1], res
+
+
+def test_adapter_reloads_with_plain_peft_and_merges_exactly(prefix_run, tmp_path):
+    out = tmp_path / "c"
+    rec = compile_prefix(compile_cfg(prefix_run, "rank=4", "merge=true", f"out_dir={out}"))
+    assert (out / "adapter/adapter_model.safetensors").is_file() and (out / "compile.json").is_file()
+    assert rec["merge"]["max_abs_logit_diff"] < 1e-4
+    cfg = runs.load_run_config(prefix_run)
+    model_spec, _, _ = runs.run_specs(cfg)
+    base, tok = load_base_model(model_spec)
+    ids = torch.tensor([tok("Review: what a film\nSentiment:")["input_ids"]])
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
+    with torch.no_grad():
+        a, b = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            c = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    assert (a - c).abs().max() > 1e-3  # the compiled adapter does something
+
+
+def test_llama_bias_compile_reloads_and_merges(tmp_path):
+    cfg = tiny_train_cfg(tmp_path, "model=llama_tiny", "adapter.init=random", "adapter.m=8", "trainer.max_steps=4")
+    train(cfg)
+    run = Path(cfg.output_dir)
+    out = tmp_path / "cb"
+    rec = compile_prefix(compile_cfg(run, "rank=2", "bias=true", "merge=true", f"out_dir={out}"))
+    assert rec["merge"]["max_abs_logit_diff"] < 1e-4
+    model_spec, _, _ = runs.run_specs(runs.load_run_config(run))
+    base, tok = load_base_model(model_spec)
+    ids = torch.tensor([tok("Review: what a film\nSentiment:")["input_ids"]])
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    assert peft_model.peft_config["default"].lora_bias
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
+    assert merged.config.attention_bias and merged.model.layers[0].self_attn.o_proj.bias.abs().max() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides,exc,match",
+    [
+        (["rank=0"], ValueError, r"rank=0 with bias=false leaves nothing to fit"),
+        (["rank=-2"], ValueError, r"rank must be a positive int"),
+        (["rank=65"], ValueError, r"rank=65 exceeds the width of o \(64\)"),
+        (["fit_positions=middle"], ValueError, r"fit_positions must be one of content, all, last"),
+        (["method=distill", "bias=true"], ValueError, r"bias=true is a closed-form option"),
+        (["base_model=gpt2"], ValueError, r"base_model=gpt2 but the prefix .* was trained on gpt2_tiny"),
+        (["merge_dtype=int8"], ValueError, r"merge_dtype must be one of float32"),
+        (["target=q"], ValueError, r"target=q is not supported for gpt2; supported: o"),
+    ],
+)
+def test_bad_settings_write_nothing(prefix_run, overrides, exc, match):
+    before = sorted(p.name for p in prefix_run.iterdir())
+    with pytest.raises(exc, match=match):
+        compile_prefix(compile_cfg(prefix_run, *overrides))
+    assert sorted(p.name for p in prefix_run.iterdir()) == before
+
+
+def test_lora_run_missing_and_corrupt_checkpoints(tmp_path):
+    lora = tiny_train_cfg(tmp_path / "l", "adapter=lora")
+    train(lora)
+    with pytest.raises(ValueError, match=r"is a lora run; compile turns a prefix run into LoRA"):
+        compile_prefix(compile_cfg(lora.output_dir))
+    with pytest.raises(FileNotFoundError, match=r"no such directory"):
+        compile_prefix(compile_cfg(tmp_path / "nope"))
+    prefix = tiny_train_cfg(tmp_path / "p", "adapter.init=random")
+    train(prefix)
+    weights = Path(prefix.output_dir) / "adapter/adapter_model.safetensors"
+    weights.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors is corrupt"):
+        compile_prefix(compile_cfg(prefix.output_dir))
+
+
+def test_existing_result_is_kept_unless_overwrite(prefix_run, tmp_path):
+    out = tmp_path / "keep"
+    compile_prefix(compile_cfg(prefix_run, "rank=2", f"out_dir={out}"))
+    stamp = (out / "compile.json").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match=r"exists; pass overwrite=true"):
+        compile_prefix(compile_cfg(prefix_run, "rank=2", f"out_dir={out}"))
+    assert (out / "compile.json").stat().st_mtime_ns == stamp
+    rec = compile_prefix(compile_cfg(prefix_run, "rank=3", f"out_dir={out}", "overwrite=true"))
+    assert json.loads((out / "compile.json").read_text())["rank"] == 3 == rec["rank"]
