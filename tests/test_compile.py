@@ -172,11 +172,11 @@ def test_llama_bias_compile_reloads_and_merges(tmp_path):
         (["target=q"], ValueError, r"target=q is not supported for gpt2; supported: o"),
     ],
 )
-def test_bad_settings_write_nothing(prefix_run, overrides, exc, match):
+def test_bad_settings_write_nothing(prefix_run, tmp_path, overrides, exc, match):
     before = sorted(p.name for p in prefix_run.iterdir())
     with pytest.raises(exc, match=match):
-        compile_prefix(compile_cfg(prefix_run, *overrides))
-    assert sorted(p.name for p in prefix_run.iterdir()) == before
+        compile_prefix(compile_cfg(prefix_run, *overrides, f"out_dir={tmp_path / 'out'}"))
+    assert sorted(p.name for p in prefix_run.iterdir()) == before and not (tmp_path / "out").exists()
 
 
 def test_lora_run_missing_and_corrupt_checkpoints(tmp_path):
