@@ -351,7 +351,7 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
     compiled = get_peft_model(copy.deepcopy(base), lora_cfg).eval()
     stats = {}
     if spec.method in ("lstsq", "lstsq+distill"):
-        stats = fit_lstsq(compiled, h_mid, calib, weights, model_spec.arch, spec)
+        stats["layers"] = fit_lstsq(compiled, h_mid, calib, weights, model_spec.arch, spec)
     del h_mid
     if "distill" in spec.method:
         from feta.distill import distill

@@ -1,0 +1,58 @@
+"""Refine a compiled LoRA by distillation from its source prefix (compile methods distill, lstsq+distill).
+
+The reference's approach, as a Lightning loop: the student (the compiled LoRA model) learns the
+teacher's (the prefix model's) label-word distribution (KL) and final hidden states (MSE).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from feta.module import label_logits
+
+
+class DistillModule(L.LightningModule):
+    def __init__(self, student, teacher, label_ids: list[int], lr: float, hidden_weight: float = 1.0) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.teacher.requires_grad_(False)
+        self.label_ids, self.lr, self.hidden_weight = label_ids, lr, hidden_weight
+
+    def _outputs(self, model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                    logits_to_keep=1)
+        h = out.hidden_states[-1]  # (B, T, d), after the final norm
+        last = batch["attention_mask"].sum(1) - 1
+        w = model.get_output_embeddings().weight[self.label_ids]  # (n_labels, d)
+        return h, h[torch.arange(h.shape[0]), last] @ w.T
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            h_t, z_t = self._outputs(self.teacher, batch)
+        h_s, z_s = self._outputs(self.student, batch)
+        mask = batch["attention_mask"].bool()
+        kl = F.kl_div(F.log_softmax(z_s, -1), F.log_softmax(z_t, -1), log_target=True, reduction="batchmean")
+        # Relative MSE so the loss scale does not depend on the model's hidden-state norm.
+        mse = (h_s - h_t)[mask].pow(2).sum() / h_t[mask].pow(2).sum()
+        loss = kl + self.hidden_weight * mse
+        self.log_dict({"distill/kl": kl, "distill/mse": mse}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)
+
+
+def distill(student, teacher, datamodule, spec, seed: int) -> dict:
+    """Run `spec.distill_steps` steps on the run's training prompts; returns the final losses."""
+    L.seed_everything(seed + 2, workers=True, verbose=False)
+    loader = torch.utils.data.DataLoader(
+        datamodule.splits["train"], batch_size=spec.distill_batch_size, shuffle=True, collate_fn=datamodule.collate,
+    )
+    module = DistillModule(student, teacher.eval(), datamodule.label_ids, spec.distill_lr)
+    trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        accelerator="auto", devices=1, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    student.eval()
+    return {"steps": trainer.global_step, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
