@@ -178,24 +178,31 @@ def _give_attention_biases(model) -> None:
     model.config.attention_bias = True
 
 
+def merged_copy(peft_model):
+    """A merged deep copy of a LoRA PeftModel (the adapter folded into the weights), in its dtype.
+
+    safe_merge=True: PEFT's plain merge can change layer 0 before it raises on a later layer, and a
+    retry then counts it twice; safe_merge checks the merged weights before touching the model.
+    """
+    import copy
+
+    model = copy.deepcopy(peft_model)
+    if model.peft_config[model.active_adapter].lora_bias:
+        _give_attention_biases(model.get_base_model())
+    return model.merge_and_unload(safe_merge=True).eval()
+
+
 @torch.no_grad()
 def merge_and_save(base_model, adapter_path, out_path, dtype: str, check_inputs: dict) -> float:
     """Merge a saved LoRA into `base_model` in `dtype`, save it as safetensors, and return the max
-    abs difference between merged and unmerged logits on `check_inputs` (measured in float32).
-
-    safe_merge=True: PEFT's plain merge can change layer 0 before it raises on a later layer, and a
-    retry then counts it twice; safe_merge checks for NaNs before touching the weights.
-    """
+    abs difference between merged and unmerged logits on `check_inputs` (measured in float32)."""
     import os
     import shutil
     from pathlib import Path
 
     peft_model = load_adapter(base_model, adapter_path).eval()
     unmerged = peft_model(**check_inputs).logits.float()
-    if peft_model.peft_config["default"].lora_bias:
-        _give_attention_biases(peft_model.get_base_model())
-    peft_model = peft_model.to(getattr(torch, dtype))
-    merged = peft_model.merge_and_unload(safe_merge=True)
+    merged = merged_copy(peft_model.to(getattr(torch, dtype)))
     diff = float((merged(**check_inputs).logits.float() - unmerged).abs().max())
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".partial")

@@ -58,6 +58,9 @@ class LabelWordClassifier(L.LightningModule):
     def on_train_start(self) -> None:
         self.start_step = self.global_step  # > 0 when resumed from a checkpoint
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(batch).argmax(-1), batch["labels"]
+
     def on_validation_epoch_end(self) -> None:
         self.last_val_step = self.global_step
 

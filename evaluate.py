@@ -1,0 +1,102 @@
+"""Evaluate runs and build the sweep report (feta/evaluation.py, feta/report.py).
+
+    python evaluate.py ckpt=multirun/<date>/<time>/0               # one run -> eval.json
+    python evaluate.py ckpt=multirun/<date>/<time>/0/compiled-r4   # a compiled prefix
+    python evaluate.py ckpt=multirun/<date>/<time>                 # a sweep -> eval.json each + report/
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from feta import runs
+from feta.evaluation import EVAL, evaluate_run, find_runs, resolve
+from feta.tracking import make_logger, task_wrapper
+
+log = logging.getLogger("feta")
+
+
+def _done(run_dir: Path) -> bool:
+    try:
+        return "val_acc" in runs.read_json(run_dir / EVAL)
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    ckpt = Path(cfg.ckpt)
+    targets = find_runs(ckpt)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    results, failed = {}, []
+    for run_dir in targets:
+        if _done(run_dir) and not cfg.overwrite:
+            log.info(f"{run_dir}: eval.json exists (overwrite=true to redo)")
+            results[str(run_dir)] = runs.read_json(run_dir / EVAL)
+            continue
+        try:
+            resolve(run_dir)
+        except (FileNotFoundError, ValueError) as e:  # unfinished or broken: reported, not fatal in a sweep
+            if len(targets) == 1:
+                raise
+            failed.append(f"{run_dir}: {e}")
+            continue
+        ev = evaluate_run(run_dir, settings)
+        results[str(run_dir)] = ev
+        log.info(f"{ev['name']}: val_acc={ev['val_acc']:.4f}" + (
+            f", agreement with the prefix {ev['agreement_with_source']:.3f}" if ev["agreement_with_source"] is not None else ""))
+        _log_run(cfg, run_dir, ev)
+    if failed:
+        warnings.warn("skipped unfinished or broken runs:\n  " + "\n  ".join(failed))
+    out = {"runs": results, "skipped": failed}
+    if cfg.report and not (len(targets) == 1 and targets[0] == ckpt):
+        from feta.report import build_report, log_to_wandb
+
+        report = build_report(ckpt)
+        out["report"] = {k: str(v) for k, v in report["files"].items()}
+        log.info(f"report: {ckpt / 'report'}\n{report['table'][['name', 'val_acc', 'latency_us', 'latency_ratio']]}")
+        logger = make_logger(cfg, ckpt / "report", job_type="report", name="report", group=_group(targets[0]))
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            log_to_wandb(report, logger.experiment)
+    return out
+
+
+def _group(run_dir: Path) -> str | None:
+    target = resolve(run_dir)
+    metrics = runs.read_json((target.source_dir or target.run_dir) / runs.METRICS) if runs.is_finished(
+        target.source_dir or target.run_dir) else {}
+    return metrics.get("wandb_group")
+
+
+def _log_run(cfg: DictConfig, run_dir: Path, ev: dict) -> None:
+    logger = make_logger(cfg, run_dir, job_type="evaluate", name=f"eval-{ev['name']}", group=_group(run_dir))
+    if logger is None:
+        return
+    logger.log_metrics({"eval/val_acc": ev["val_acc"], **{f"eval/acc_class{i}": a for i, a in enumerate(ev["per_class_acc"])}})
+    if ev["agreement_with_source"] is not None:
+        logger.log_metrics({"eval/agreement_with_source": ev["agreement_with_source"]})
+    if hasattr(logger, "log_table"):
+        data = [[t, p, ev["confusion"][t][p]] for t in (0, 1) for p in (0, 1)]
+        logger.log_table("eval/confusion", columns=["true", "predicted", "count"], data=data)
+        if ev["latency"]:
+            rows = ev["latency"]["rows"]
+            cols = ["name", "phase", "batch", "us_per_token", "ratio_to_base", "ratio_iqr"]
+            logger.log_table("eval/latency", columns=cols, data=[[r[c] for c in cols] for r in rows])
+    from feta.tracking import finish_wandb
+
+    finish_wandb()  # one W&B run per evaluated run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
