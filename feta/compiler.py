@@ -46,6 +46,7 @@ class CompileSpec:
     sink_ratio: float = field(default=20.0, metadata={"help": "A token is a sink if its norm > ratio x median."})
     ridge: float = field(default=1e-4, metadata={"help": "Ridge, relative to the mean eigenvalue of X^T X."})
     calib_size: int = field(default=512, metadata={"help": "Calibration sentences (training split)."})
+    calib_seed: int = field(default=0, metadata={"help": "Which seeded sample of calibration sentences."})
     calib_max_length: int = field(default=64, metadata={"help": "Truncate calibration prompts (tokens)."})
     eval_size: int = field(default=128, metadata={"help": "Held-out validation sentences for residuals."})
     distill_steps: int = field(default=100, metadata={"help": "Gradient steps for the distill methods."})
@@ -305,7 +306,7 @@ def calibration_batches(datamodule, spec: CompileSpec, seed: int) -> tuple[dict,
     """A seeded sample of the run's training prompts (the fit) and the first validation prompts (held out)."""
     datamodule.setup()
     train = datamodule.splits["train"]
-    g = torch.Generator().manual_seed(seed + 1)  # not the training subset's permutation
+    g = torch.Generator().manual_seed(1000 + seed + spec.calib_seed)  # not the training subset's permutation
     idx = torch.randperm(len(train), generator=g)[: spec.calib_size].tolist()
     tok = datamodule.tokenizer
 

@@ -1,0 +1,100 @@
+"""The compile method table: each method's accuracy, agreement with the prefix, residuals, time, latency.
+
+    python benchmarks/compile_quality.py                       # the newest smollm2 prefix run under multirun/
+    python benchmarks/compile_quality.py --ckpt <prefix run> [--methods default,bias_only] [--val-limit 872]
+
+Compiles the prefix with each method into <run>/bench-<method>/, evaluates it on the validation set
+(evaluate.py's code), and prints one markdown table; also writes benchmarks/results/compile_quality.csv.
+Targets (issue 4/10): default r=4 within 1.5 points of the prefix, >= 94% agreement, <= 2 min;
+distill methods within 0.5 point, >= 95% agreement; merged prefill latency <= 1.02x base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+from hydra import compose, initialize
+from omegaconf import OmegaConf
+
+from compile import compile_prefix
+from feta import runs
+from feta.evaluation import evaluate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "all_tokens": ["rank=4", "fit_positions=all"],
+    "default": ["rank=4"],
+    "default_calib1": ["rank=4", "calib_seed=1"],
+    "default_calib2": ["rank=4", "calib_seed=2"],
+    "r16_bias": ["rank=16", "bias=true"],
+    "bias_only": ["rank=0", "bias=true"],
+    "distill": ["rank=4", "method=distill", "distill_steps=250", "distill_lr=1e-3"],
+    "lstsq+distill": ["rank=4", "method=lstsq+distill", "distill_steps=100", "distill_lr=3e-4"],
+}
+
+
+def newest_prefix_run(model: str) -> Path:
+    candidates = []
+    for cfg_path in (ROOT / "multirun").rglob(runs.CONFIG):
+        run = cfg_path.parent
+        if ".hydra" in run.parts or not runs.is_finished(run):
+            continue
+        cfg = OmegaConf.load(cfg_path)
+        if cfg.adapter.kind == "prefix" and cfg.model.name == model:
+            candidates.append(run)
+    if not candidates:
+        raise FileNotFoundError(f"no finished {model} prefix run under multirun/: run `make quickstart` first")
+    return max(candidates, key=lambda p: (p / runs.METRICS).stat().st_mtime)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", type=Path, default=None)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--val-limit", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compile_quality.csv")
+    args = ap.parse_args()
+    ckpt = args.ckpt or newest_prefix_run(args.model)
+    eval_settings = {"val_limit": args.val_limit,
+                     "latency": {"enabled": True, "prompt_len": 64, "batches": [1], "decode_tokens": 0,
+                                 "repeats": 3, "min_run_time": 0.2}}
+    source = evaluate_run(ckpt, {**eval_settings, "latency": {"enabled": False}})
+    print(f"prefix {ckpt}: val_acc {100 * source['val_acc']:.1f}%")
+    rows = []
+    for name in args.methods.split(","):
+        out = ckpt / f"bench-{name}"
+        with initialize(config_path="../conf", version_base="1.3"):
+            cfg = compose("compile", [f"ckpt={ckpt}", f"out_dir={out}", "overwrite=true", "logger=null", *METHODS[name]])
+        t0 = time.perf_counter()
+        rec = compile_prefix(cfg)
+        wall = time.perf_counter() - t0
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+        ev = evaluate_run(out, eval_settings)
+        merged = next(r for r in ev["latency"]["rows"] if r["name"] == "merged" and r["phase"] == "prefill")
+        rows.append({
+            "method": name, "settings": " ".join(METHODS[name]),
+            "val_acc %": 100 * ev["val_acc"], "Δ vs prefix (pts)": 100 * (ev["val_acc"] - source["val_acc"]),
+            "agreement %": 100 * ev["agreement_with_source"],
+            "residual last, final layer": rec["residuals"]["last"][-1],
+            "residual last, max layer": max(rec["residuals"]["last"]),
+            "residual last, mean": rec["residual_last_mean"],
+            "residual content, mean": rec["residual_content_mean"],
+            "compile wall s": wall,
+            "merged prefill ratio": merged["ratio_to_base"],
+        })
+        print(pd.DataFrame(rows[-1:]).to_markdown(index=False, floatfmt=".3f"), flush=True)
+    df = pd.DataFrame(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out, index=False)
+    print(f"\nprefix: {100 * source['val_acc']:.1f}% on {source['val_size']} sentences ({ckpt})")
+    print(df.to_markdown(index=False, floatfmt=".3f"))
+
+
+if __name__ == "__main__":
+    main()
