@@ -68,7 +68,7 @@ def main() -> None:
     for name in args.methods.split(","):
         out = ckpt / f"bench-{name}"
         with initialize(config_path="../conf", version_base="1.3"):
-            cfg = compose("compile", [f"ckpt={ckpt}", f"out_dir={out}", "overwrite=true", "logger=null", *METHODS[name]])
+            cfg = compose("compile", [f"ckpt={ckpt}", f"out_dir={out}", "overwrite=true", "~logger", *METHODS[name]])
         t0 = time.perf_counter()
         rec = compile_prefix(cfg)
         wall = time.perf_counter() - t0

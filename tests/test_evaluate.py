@@ -1,0 +1,93 @@
+"""evaluate.py on a gpt2_tiny sweep (prefix, LoRA, compiled): eval.json, the report, broken runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+from omegaconf import open_dict
+
+from compile import compile_prefix
+from evaluate import evaluate
+from tests.conftest import compose_cfg, tiny_train_cfg
+from train import train
+
+FAST_LATENCY = ["latency.repeats=1", "latency.batches=[1,2]", "latency.decode_tokens=4", "latency.min_run_time=0.01",
+                "latency.prompt_len=16"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for job, overrides in enumerate([("adapter.init=random", "adapter.m=8"), ("adapter=lora",)]):
+        cfg = tiny_train_cfg(root, *overrides)
+        with open_dict(cfg):
+            cfg.output_dir = str(root / str(job))
+        train(cfg)
+    compile_prefix(compose_cfg("compile", [f"ckpt={root / '0'}", "rank=4", "~logger", "calib_size=64", "eval_size=32"]))
+    return root
+
+
+def eval_cfg(ckpt, *overrides):
+    return compose_cfg("evaluate", [f"ckpt={ckpt}", "~logger", *FAST_LATENCY, *overrides])
+
+
+def test_sweep_eval_and_report(sweep):
+    out = evaluate(eval_cfg(sweep))
+    evals = {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("eval.json")}
+    assert set(evals) == {"0", "1", "compiled-r4"}
+    for ev in evals.values():
+        assert ev["val_size"] == 64 and 0 <= ev["val_acc"] <= 1
+        assert sum(map(sum, ev["confusion"])) == 64 and len(ev["predictions"]) == 64
+        assert ev["val_acc"] == pytest.approx(sum(ev["confusion"][i][i] for i in (0, 1)) / 64)
+        rows = ev["latency"]["rows"]
+        assert {(r["phase"], r["batch"]) for r in rows} == {("prefill", 1), ("prefill", 2), ("decode", 1)}
+        assert all(r["us_per_token"] > 0 and math.isfinite(r["ratio_to_base"]) for r in rows)
+        assert ev["latency"]["device"] == "cpu" and ev["latency"]["threads"] >= 1
+    assert {r["name"] for r in evals["1"]["latency"]["rows"]} == {"base", "adapter", "merged"}
+    assert {r["name"] for r in evals["0"]["latency"]["rows"]} == {"base", "adapter"}
+    comp = evals["compiled-r4"]
+    assert comp["kind"] == "compiled" and comp["r"] == 4 and comp["m"] == 8
+    assert 0 <= comp["agreement_with_source"] <= 1 and len(comp["residuals"]["last"]) == 2
+    # Agreement is computed from the two prediction lists.
+    agree = sum(a == b for a, b in zip(comp["predictions"], evals["0"]["predictions"])) / 64
+    assert comp["agreement_with_source"] == pytest.approx(agree)
+
+    report = sweep / "report"
+    table = (report / "results.csv").read_text().splitlines()
+    assert len(table) == 1 + 3
+    for name in ("acc_vs_latency.png", "accuracy_summary.png", "equiv_heatmap.png"):
+        img = mpimg.imread(report / name)
+        assert (report / name).stat().st_size > 10_000 and img.shape[0] > 200 and img.std() > 0.01
+    assert out["skipped"] == []
+
+
+def test_unfinished_run_is_skipped_with_a_warning(sweep, tmp_path):
+    broken = sweep / "2"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.yaml").write_text((sweep / "0" / "config.yaml").read_text())
+    try:
+        with pytest.warns(UserWarning, match=r"skipped unfinished or broken runs:[\s\S]*2: training did not finish"):
+            out = evaluate(eval_cfg(sweep, "latency.enabled=false"))
+        assert len(out["skipped"]) == 1
+    finally:
+        import shutil
+
+        shutil.rmtree(broken)
+
+
+def test_single_unfinished_run_is_an_error(tmp_path):
+    cfg = tiny_train_cfg(tmp_path)
+    run = Path(cfg.output_dir)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\nadapter: {kind: prefix}\ndata: {}\n")
+    with pytest.raises(FileNotFoundError, match=r"training did not finish"):
+        evaluate(eval_cfg(run))
+
+
+def test_empty_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"no runs under ckpt={tmp_path}"):
+        evaluate(eval_cfg(tmp_path))
