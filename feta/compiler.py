@@ -42,6 +42,8 @@ class CompileSpec:
     target: str = field(default="o", metadata={"help": "Module the LoRA goes on: o = attention output projection."})
     bias: bool = field(default=False, metadata={"help": "Fit a per-layer bias with the low-rank map (lora_bias)."})
     fit_positions: str = field(default="content", metadata={"help": "content (no sinks) | all | last."})
+    match: str = field(default="stream", metadata={"help": "stream: the post-attention residual stream (corrects "
+                                                          "earlier layers' error) | module: the attention output."})
     last_weight: float = field(default=1.0, metadata={"help": "Weight of the classified (last) token in the fit."})
     sink_ratio: float = field(default=20.0, metadata={"help": "A token is a sink if its norm > ratio x median."})
     ridge: float = field(default=1e-4, metadata={"help": "Ridge, relative to the mean eigenvalue of X^T X."})
@@ -58,6 +60,7 @@ class CompileSpec:
 
         check_choice("method", self.method, ("lstsq", "distill", "lstsq+distill"))
         check_choice("fit_positions", self.fit_positions, ("content", "all", "last"))
+        check_choice("match", self.match, ("stream", "module"))
         if self.rank < 0:
             raise ValueError(f"rank must be a positive int (LoRA rank), got {self.rank}")
         if self.rank == 0 and not self.bias:
@@ -162,23 +165,25 @@ def _layer_input(args: tuple, kwargs: dict) -> Tensor:
 
 
 @torch.no_grad()
-def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, target: str) -> tuple[dict[int, Tensor], Tensor]:
-    """Per layer, the prefix model's residual stream right after attention, h_mid = h_in + attn_out
-    (B, T, d); and its layer-0... last hidden states, for sink detection."""
+def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, target: str
+                  ) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor]:
+    """Per layer, the prefix model's layer input h_in and attention output o (the target module's
+    output), each (B, T, d): h_mid = h_in + o is the stream right after attention. Also all hidden
+    states (L+1, B, T, d), for sink detection."""
     base = prefix_model.get_base_model()
     names = target_modules(base, arch, target)
-    h_in, h_mid, hooks = {}, {}, []
+    h_in, streams, hooks = {}, {}, []
     for i, name in names.items():
         hooks.append(_parent_layer(base, name).register_forward_pre_hook(
             lambda m, a, k, i=i: h_in.__setitem__(i, _layer_input(a, k)), with_kwargs=True))
         hooks.append(base.get_submodule(name).register_forward_hook(
-            lambda m, a, out, i=i: h_mid.__setitem__(i, h_in[i] + out)))
+            lambda m, a, out, i=i: streams.__setitem__(i, (h_in[i], out))))
     try:
         out = prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     finally:
         for h in hooks:
             h.remove()
-    return h_mid, torch.stack(out.hidden_states)  # (L+1, B, T, d)
+    return streams, torch.stack(out.hidden_states)  # (L+1, B, T, d)
 
 
 def fit_weights(batch: dict[str, Tensor], hidden: Tensor, spec: CompileSpec) -> tuple[Tensor, dict]:
@@ -209,7 +214,7 @@ def fit_weights(batch: dict[str, Tensor], hidden: Tensor, spec: CompileSpec) -> 
 
 
 @torch.no_grad()
-def fit_lstsq(lora_model, prefix_h_mid: dict[int, Tensor], batch: dict[str, Tensor], weights: Tensor,
+def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[str, Tensor], weights: Tensor,
               arch: str, spec: CompileSpec) -> dict[int, dict]:
     """Fit every layer's LoRA in one forward pass of the compiled model (see module docstring)."""
     base = lora_model.get_base_model()
@@ -221,8 +226,11 @@ def fit_lstsq(lora_model, prefix_h_mid: dict[int, Tensor], batch: dict[str, Tens
     def fit_here(module, args, i):
         x = args[0]  # (B, T, d_in)
         h_in_c = h_in[i]
-        # What attention must add so the stream matches the prefix model's: (n, d_out).
-        target = (prefix_h_mid[i] - h_in_c - module.base_layer(x))[select]
+        h_in_p, o_p = prefix[i]
+        if spec.match == "stream":  # what attention must add so the stream equals the prefix model's
+            target = (h_in_p + o_p - h_in_c - module.base_layer(x))[select]  # (n, d_out)
+        else:  # "module": the prefix-induced change of the attention output alone
+            target = (o_p - module.base_layer(x))[select]
         A, B, b = reduced_rank_fit(x[select], target, spec.rank, spec.ridge, spec.bias, w)
         _write_lora(module, A, B, b)
         resid = target.double() - (x[select].double() @ A.T @ B.T + (b if b is not None else 0))
@@ -345,15 +353,15 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
     calib, held_out = calibration_batches(dm, spec, cfg.seed)
 
     prefix_model = load_adapter(copy.deepcopy(base), path).eval()
-    h_mid, hidden = prefix_stream(prefix_model, calib, model_spec.arch, spec.target)
+    streams, hidden = prefix_stream(prefix_model, calib, model_spec.arch, spec.target)
     weights, positions = fit_weights(calib, hidden, spec)
     del hidden
     lora_cfg = compiled_lora_config(spec.rank, list(names.values()), spec.bias, model_spec.arch)
     compiled = get_peft_model(copy.deepcopy(base), lora_cfg).eval()
     stats = {}
     if spec.method in ("lstsq", "lstsq+distill"):
-        stats["layers"] = fit_lstsq(compiled, h_mid, calib, weights, model_spec.arch, spec)
-    del h_mid
+        stats["layers"] = fit_lstsq(compiled, streams, calib, weights, model_spec.arch, spec)
+    del streams
     if "distill" in spec.method:
         from feta.distill import distill
 
