@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
-from feta.evaluation import EVAL, evaluate_run, find_runs, resolve
+from feta.evaluation import EVAL, equivalence_analysis, evaluate_run, find_runs, resolve
 from feta.tracking import make_logger, task_wrapper
 
 log = logging.getLogger("feta")
@@ -32,6 +32,18 @@ def _done(run_dir: Path) -> bool:
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt = Path(cfg.ckpt)
+    if cfg.analysis == "equivalence":
+        out_dir = ckpt / "analysis"
+        settings = OmegaConf.to_container(cfg.equivalence, resolve=True)
+        result = equivalence_analysis(ckpt, Path(cfg.lora) if cfg.lora else None, out_dir, settings)
+        logger = make_logger(cfg, out_dir, job_type="analysis", name=f"equivalence-{ckpt.name}", group=_group(ckpt))
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            logger.experiment.log({p.stem: wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))})
+        return result
+    if cfg.analysis is not None:
+        raise ValueError(f"analysis must be null or equivalence, got {cfg.analysis!r}")
     targets = find_runs(ckpt)
     settings = OmegaConf.to_container(cfg, resolve=True)
     results, failed = {}, []

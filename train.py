@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from feta import runs
 from feta.adapters import build_adapter, trainable_parameters
 from feta.data import SST2DataModule
+from feta.devices import job_devices
 from feta.models import load_base_model
 from feta.module import LabelWordClassifier
 from feta.schema import to_spec
@@ -31,6 +33,7 @@ log = logging.getLogger("feta")
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter; returns (metrics, objects) — objects for tests and notebooks."""
+    started_at = time.time()
     model_spec, data_spec, adapter_spec = (to_spec(cfg, k) for k in ("model", "data", "adapter"))
     run_dir = output_dir(cfg)
     if cfg.skip_finished and runs.is_finished(run_dir):
@@ -56,8 +59,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps)
     callbacks = [checkpoint] + [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
-                                      default_root_dir=str(run_dir), enable_checkpointing=True)
+    trainer = hydra.utils.instantiate(cfg.trainer, devices=job_devices(cfg), logger=logger or False,
+                                      callbacks=callbacks, default_root_dir=str(run_dir), enable_checkpointing=True)
 
     resume = ckpt_dir / "last.ckpt"
     start = time.perf_counter()
@@ -67,7 +70,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     train_time = time.perf_counter() - start
 
-    peft_model.save_pretrained(str(run_dir / runs.ADAPTER))
     metrics = {
         "val_acc": float(trainer.callback_metrics["val/acc"]),
         "val_loss": float(trainer.callback_metrics["val/loss"]),
@@ -81,7 +83,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "adapter": adapter_spec.kind,
         "name": name,
         "wandb_group": group,
+        "pid": os.getpid(),  # which process ran the job (tests check that parallel jobs really are parallel)
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "world_size": trainer.world_size,
     }
+    if not trainer.is_global_zero:  # DDP: only rank 0 writes the run directory
+        return metrics, {}
+    peft_model.save_pretrained(str(run_dir / runs.ADAPTER))
     if logger is not None:
         logger.log_metrics({"final/val_acc": metrics["val_acc"], "final/trainable_params": n_trainable})
         log_artifact(logger, run_dir / runs.ADAPTER, name=f"adapter-{name}", type_="adapter")

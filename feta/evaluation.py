@@ -170,3 +170,31 @@ def _source_predictions(target: Target, dm: SST2DataModule, model_spec) -> list[
     base, _ = load_base_model(model_spec)
     prefix = load_adapter(base, target.source_dir / runs.ADAPTER).eval()
     return predict(prefix, dm)[0].tolist()
+
+
+def equivalence_analysis(prefix_run: Path, lora_run: Path | None, out_dir: Path, settings: dict) -> dict:
+    """`evaluate.py analysis=equivalence`: the FETA measurements (feta/equivalence.py) at a trained
+    prefix (and a trained LoRA, if given), on the first validation sentences."""
+    from feta.equivalence import analyze
+
+    target = resolve(prefix_run)
+    if target.kind != "prefix":
+        raise ValueError(f"analysis=equivalence takes a prefix run as ckpt; {prefix_run} is a {target.kind} run")
+    model_spec, data_spec, spec = runs.run_specs(target.cfg)
+    base, tokenizer = load_base_model(model_spec)
+    prefix = load_adapter(load_base_model(model_spec)[0], target.run_dir / runs.ADAPTER).eval()
+    lora = None
+    if lora_run is not None:
+        lora_target = resolve(lora_run)
+        if lora_target.kind != "lora" or lora_target.cfg.model.name != model_spec.name:
+            raise ValueError(f"lora={lora_run} must be a LoRA run on {model_spec.name}, got a {lora_target.kind} run "
+                             f"on {lora_target.cfg.model.name}")
+        lora = load_adapter(load_base_model(model_spec)[0], lora_target.run_dir / runs.ADAPTER).eval()
+    dm = SST2DataModule(data_spec, tokenizer, seed=target.cfg.seed)
+    dm.setup()
+    batch = dm.collate(dm.splits["validation"][: settings["sentences"]])
+    init_ids = None
+    if spec.init == "text":
+        init_ids = tokenizer(spec.init_text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, : spec.m]
+    return analyze(base, prefix, lora, batch["input_ids"], batch["attention_mask"], Path(out_dir),
+                   layers=settings.get("layers"), heads=settings.get("heads"), init_ids=init_ids)

@@ -13,10 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
-def label_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
-    """(B, n_labels) LM-head logits of the label words at each row's last real token (right padding)."""
+def label_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_ids: list[int],
+                 **forward_kwargs: Any) -> torch.Tensor:
+    """(B, n_labels) LM-head logits of the label words at each row's last real token (right padding).
+
+    `forward_kwargs` go to the model's forward, e.g. PEFT's `adapter_names` (one adapter per row)."""
     # logits_to_keep=1 skips the full-vocabulary head; we apply only the label words' rows below.
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                **forward_kwargs)
     h = out.hidden_states[-1]  # (B, T, d), after the final norm
     last = attention_mask.sum(dim=1) - 1  # (B,)
     h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, d)
