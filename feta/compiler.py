@@ -165,11 +165,9 @@ def _layer_input(args: tuple, kwargs: dict) -> Tensor:
 
 
 @torch.no_grad()
-def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, target: str
-                  ) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor]:
+def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, target: str) -> dict[int, tuple[Tensor, Tensor]]:
     """Per layer, the prefix model's layer input h_in and attention output o (the target module's
-    output), each (B, T, d): h_mid = h_in + o is the stream right after attention. Also all hidden
-    states (L+1, B, T, d), for sink detection."""
+    output), each (B, T, d): h_mid = h_in + o is the stream right after attention."""
     base = prefix_model.get_base_model()
     names = target_modules(base, arch, target)
     h_in, streams, hooks = {}, {}, []
@@ -179,38 +177,27 @@ def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, target: str
         hooks.append(base.get_submodule(name).register_forward_hook(
             lambda m, a, out, i=i: streams.__setitem__(i, (h_in[i], out))))
     try:
-        out = prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for h in hooks:
             h.remove()
-    return streams, torch.stack(out.hidden_states)  # (L+1, B, T, d)
+    return streams
 
 
-def fit_weights(batch: dict[str, Tensor], hidden: Tensor, spec: CompileSpec) -> tuple[Tensor, dict]:
-    """Per-token regression weights (B, T) from `fit_positions`, and a record of what was dropped."""
+def last_token(batch: dict[str, Tensor]) -> Tensor:
+    """(B, T) bool: each row's classified (last real) token."""
     mask = batch["attention_mask"].bool()
-    last = batch["attention_mask"].sum(1) - 1
     is_last = torch.zeros_like(mask)
-    is_last[torch.arange(mask.shape[0]), last] = True
-    # A token is a sink if it is one at any layer: massive activations appear a few layers in.
-    sinks = torch.stack([detect_sinks(h, mask, spec.sink_ratio) for h in hidden[1:]]).any(0) & ~is_last
-    if spec.fit_positions == "all":
-        keep = mask
-    elif spec.fit_positions == "last":
-        keep = is_last
-    else:
-        keep = mask & ~sinks
-    w = keep.double() * torch.where(is_last, spec.last_weight, 1.0).double()
-    positions = sinks.nonzero()[:, 1]
-    record = {
-        "fit_positions": spec.fit_positions,
-        "tokens_total": int(mask.sum()),
-        "tokens_fitted": int(keep.sum()),
-        "sinks_detected": int(sinks.sum()),
-        "sink_positions": {int(p): int((positions == p).sum()) for p in positions.unique()},
-        "sink_rule": f"hidden-state norm > {spec.sink_ratio} x median at any layer",
-    }
-    return w, record
+    is_last[torch.arange(mask.shape[0]), batch["attention_mask"].sum(1) - 1] = True
+    return is_last
+
+
+def fit_weights(batch: dict[str, Tensor], spec: CompileSpec) -> Tensor:
+    """Per-token regression weights (B, T) from `fit_positions` (sinks are found per layer, later)."""
+    mask = batch["attention_mask"].bool()
+    is_last = last_token(batch)
+    keep = is_last if spec.fit_positions == "last" else mask
+    return keep.double() * torch.where(is_last, spec.last_weight, 1.0).double()
 
 
 @torch.no_grad()
@@ -219,8 +206,8 @@ def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[
     """Fit every layer's LoRA in one forward pass of the compiled model (see module docstring)."""
     base = lora_model.get_base_model()
     names = target_modules(base, arch, spec.target)
-    select = weights > 0  # (B, T)
-    w = weights[select]
+    mask, is_last = batch["attention_mask"].bool(), last_token(batch)
+    sinks = torch.zeros_like(mask)  # grows layer by layer: once a sink, always left out
     h_in, stats, hooks = {}, {}, []
 
     def fit_here(module, args, i):
@@ -228,13 +215,23 @@ def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[
         h_in_c = h_in[i]
         h_in_p, o_p = prefix[i]
         if spec.match == "stream":  # what attention must add so the stream equals the prefix model's
-            target = (h_in_p + o_p - h_in_c - module.base_layer(x))[select]  # (n, d_out)
+            target = h_in_p + o_p - h_in_c - module.base_layer(x)  # (B, T, d_out)
         else:  # "module": the prefix-induced change of the attention output alone
-            target = (o_p - module.base_layer(x))[select]
-        A, B, b = reduced_rank_fit(x[select], target, spec.rank, spec.ridge, spec.bias, w)
+            target = o_p - module.base_layer(x)
+        if spec.fit_positions == "content":
+            # A sink is a massive activation in the compiled model's own stream (where the base model
+            # parks attention), or a token whose target dwarfs the rest (the prefix took over its role).
+            sinks.logical_or_(detect_sinks(h_in_c, mask, spec.sink_ratio) | detect_sinks(target, mask, spec.sink_ratio))
+            sinks.logical_and_(~is_last)
+        select = (weights > 0) & ~sinks  # (B, T)
+        target = target[select]  # (n, d_out)
+        A, B, b = reduced_rank_fit(x[select], target, spec.rank, spec.ridge, spec.bias, weights[select])
         _write_lora(module, A, B, b)
         resid = target.double() - (x[select].double() @ A.T @ B.T + (b if b is not None else 0))
-        stats[i] = {"fit_residual": float((resid.norm() / target.double().norm().clamp_min(1e-30)))}
+        positions = sinks.nonzero()[:, 1]
+        stats[i] = {"fit_residual": float((resid.norm() / target.double().norm().clamp_min(1e-30))),
+                    "tokens_fitted": int(select.sum()), "sinks": int(sinks.sum()),
+                    "sink_positions": {int(p): int((positions == p).sum()) for p in positions.unique()}}
 
     for i, name in names.items():
         hooks.append(_parent_layer(base, name).register_forward_pre_hook(
@@ -270,10 +267,9 @@ def layer_residuals(base_model, prefix_model, compiled_model, batch: dict[str, T
     kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
     h = {k: torch.stack(m(**kw).hidden_states)[1:] for k, m in  # (L, B, T, d); layer 0 = embeddings
          (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}
-    mask = batch["attention_mask"].bool()
-    last = torch.zeros_like(mask)
-    last[torch.arange(mask.shape[0]), batch["attention_mask"].sum(1) - 1] = True
-    sinks = torch.stack([detect_sinks(x, mask, sink_ratio) for x in h["prefix"]]).any(0) & ~last
+    mask, last = batch["attention_mask"].bool(), last_token(batch)
+    # Sinks are where the base model parks attention (a prefix takes that role over, so not in h_prefix).
+    sinks = torch.stack([detect_sinks(x, mask, sink_ratio) for x in h["base"]]).any(0) & ~last
     selections = {"last": last, "content": mask & ~sinks, "all": mask}
     return {
         key: [relative_residual(h["compiled"][l], h["prefix"][l], h["base"][l], sel) for l in range(h["base"].shape[0])]
@@ -290,10 +286,18 @@ def check_source(run_dir, spec: CompileSpec, model_override: str | None = None):
     from feta import runs
 
     cfg = runs.load_run_config(run_dir)
-    if cfg.adapter.kind != "prefix":
+    kind = cfg.adapter.kind
+    if kind in ("lora", "ia3"):  # feta.adapters.WEIGHT_KINDS
         raise ValueError(
-            f"ckpt={run_dir} is a {cfg.adapter.kind} run; compile turns a prefix run into LoRA "
-            "(a LoRA or other weight-space adapter merges directly with PEFT's merge_and_unload)"
+            f"ckpt={run_dir} is a {kind} run; compile turns a prefix run into LoRA "
+            f"(a {kind} adapter is already weight-space: it merges directly with PEFT's merge_and_unload)"
+        )
+    if kind != "prefix":
+        # Token adaptations too, so the fit applies in principle; the stream capture here assumes the
+        # prefix's layout (same sequence length, PEFT past_key_values), which prompt/gated_prefix lack.
+        raise ValueError(
+            f"ckpt={run_dir} is a {kind} run; compile supports prefix runs only so far "
+            f"({kind} is a token adaptation, but its {kind} → LoRA fit is not implemented)"
         )
     if model_override and model_override != cfg.model.name:
         raise ValueError(f"base_model={model_override} but the prefix in ckpt={run_dir} was trained on {cfg.model.name}")
@@ -353,9 +357,8 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
     calib, held_out = calibration_batches(dm, spec, cfg.seed)
 
     prefix_model = load_adapter(copy.deepcopy(base), path).eval()
-    streams, hidden = prefix_stream(prefix_model, calib, model_spec.arch, spec.target)
-    weights, positions = fit_weights(calib, hidden, spec)
-    del hidden
+    streams = prefix_stream(prefix_model, calib, model_spec.arch, spec.target)
+    weights = fit_weights(calib, spec)
     lora_cfg = compiled_lora_config(spec.rank, list(names.values()), spec.bias, model_spec.arch)
     compiled = get_peft_model(copy.deepcopy(base), lora_cfg).eval()
     stats = {}
@@ -381,7 +384,10 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
         "bias": spec.bias,
         "target": spec.target,
         "target_modules": list(names.values()),
-        "calibration": {"sentences": spec.calib_size, "max_length": spec.calib_max_length, **positions},
+        "calibration": {"sentences": spec.calib_size, "max_length": spec.calib_max_length,
+                        "tokens": int(calib["attention_mask"].sum()), "fit_positions": spec.fit_positions,
+                        "sink_rule": f"norm of the layer input or of the target > {spec.sink_ratio} x median; "
+                                     "a sink at one layer stays out at the later ones; never the classified token"},
         "eval_sentences": spec.eval_size,
         "residuals": residuals,
         "residual_last_final": residuals["last"][-1],

@@ -84,7 +84,7 @@ def test_zero_effect_source_compiles_to_a_zero_lora():
     source = get_peft_model(base, LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))  # B = 0: no effect
     tok.pad_token = tok.eos_token
     batch = dict(tok(["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"], return_tensors="pt", padding=True))
-    streams, _ = prefix_stream(source, batch, "gpt2", "o")
+    streams = prefix_stream(source, batch, "gpt2", "o")
     fresh, _ = load_base_model(to_spec(cfg, "model"))
     compiled = get_peft_model(fresh, LoraConfig(r=2, lora_alpha=2, target_modules=r".*attn\.c_proj", fan_in_fan_out=True))
     fit_lstsq(compiled, streams, batch, batch["attention_mask"].double(), "gpt2", CompileSpec(rank=2))

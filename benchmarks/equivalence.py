@@ -1,0 +1,127 @@
+"""The FETA equivalence analysis (feta.equivalence.analyze) on a model, printing its verdict table.
+
+    python benchmarks/equivalence.py                          # tiny random GPT-2 and Llama, < 5 min on 2 CPUs
+    python benchmarks/equivalence.py --prefix-run <run dir> [--lora-run <run dir>] [--layers 0 15 29] [--heads 0]
+
+Without a run: each tiny random model gets a PEFT text-init prefix (m = 8) moved off its init by noise
+and a PEFT LoRA (r = 4, default targets) with nonzero B. They stand in for trained adapters: the numbers
+say what the measurements give on random layers, not what trained adapters do.
+With --prefix-run (a train.py run directory: config.yaml + adapter/), the base model, data and prompt
+come from the run's config, the text init from its adapter.init_text; --lora-run must use the same model.
+Writes <out>/<name>/equivalence.json, linearity.png, span_grid.png and prefix_spectrum.png.
+Real models are large: pass a few --layers and --heads (each layer/head costs per-head SVDs of
+(N·d_head) × (2·m·d_head) Jacobians), and fewer --sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing feta
+
+from feta.adapters import DEFAULT_INIT_TEXT, LoraSpec, PrefixSpec, build_adapter, load_adapter  # noqa: E402
+from feta.data import DataSpec, SST2DataModule  # noqa: E402
+from feta.equivalence import analyze  # noqa: E402
+from feta.models import ModelSpec, load_base_model  # noqa: E402
+from feta.runs import adapter_dir, load_run_config  # noqa: E402
+
+TINY = {  # conf/model/gpt2_tiny.yaml and llama_tiny.yaml, with room for m + max_length positions
+    "gpt2_tiny": ModelSpec(name="gpt2_tiny", source="random", arch="gpt2", tokenizer="gpt2",
+                           config={"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 512}),
+    "llama_tiny": ModelSpec(name="llama_tiny", source="random", arch="llama", tokenizer="gpt2",
+                            config={"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}),
+}
+
+
+def sentences(tokenizer, data: DataSpec, n: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n SST-2 validation prompts, right-padded: the fixed data of the analysis."""
+    texts = SST2DataModule(data, tokenizer).sentences("validation", n)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def random_models(spec: ModelSpec, m: int = 8, seed: int = 0):
+    """Base, prefix and LoRA models on separate copies (PEFT's LoRA edits its base in place)."""
+    base, tok = load_base_model(spec)
+    prefix = build_adapter(load_base_model(spec)[0], tok, PrefixSpec(m=m, init="text"), spec.arch)
+    lora = build_adapter(load_base_model(spec)[0], tok, LoraSpec(r=4), spec.arch)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # off the init, so that neither sits at a special point
+        emb = prefix.prompt_encoder["default"].embedding.weight
+        emb.add_(0.3 * emb.std() * torch.randn(emb.shape, generator=gen))
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=gen)
+    return base, prefix, lora, tok, torch.tensor(tok(DEFAULT_INIT_TEXT, add_special_tokens=False)["input_ids"])
+
+
+def run_models(prefix_run: Path, lora_run: Path | None):
+    """Base, prefix and LoRA models from train.py run directories, and the prefix's text-init tokens."""
+    cfg = load_run_config(prefix_run)
+    if cfg.adapter.kind != "prefix":
+        raise ValueError(f"--prefix-run={prefix_run} holds a {cfg.adapter.kind} run (adapter.kind); pass a prefix run")
+    spec = ModelSpec(**OmegaConf.to_object(cfg.model))
+    base, tok = load_base_model(spec)
+    prefix = load_adapter(load_base_model(spec)[0], adapter_dir(prefix_run))
+    lora = None
+    if lora_run is not None:
+        lcfg = load_run_config(lora_run)
+        if lcfg.adapter.kind != "lora":
+            raise ValueError(f"--lora-run={lora_run} holds a {lcfg.adapter.kind} run (adapter.kind); pass a LoRA run")
+        if OmegaConf.to_container(lcfg.model) != OmegaConf.to_container(cfg.model):
+            raise ValueError(f"--lora-run uses model {lcfg.model.name}, --prefix-run {cfg.model.name}: "
+                             "they must share the base model")
+        lora = load_adapter(load_base_model(spec)[0], adapter_dir(lora_run))
+    init_ids = None
+    if cfg.adapter.get("init") == "text":
+        init_ids = torch.tensor(tok(cfg.adapter.init_text, add_special_tokens=False)["input_ids"])
+    return base, prefix, lora, tok, init_ids, DataSpec(**OmegaConf.to_object(cfg.data)), spec.name
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prefix-run", type=Path, help="train.py run directory of a prefix (default: tiny random models)")
+    p.add_argument("--lora-run", type=Path, help="train.py run directory of a LoRA on the same model")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "equivalence", help="results go to <out>/<model name>/")
+    p.add_argument("--sentences", type=int, default=12, help="SST-2 validation prompts (first half fitted, rest held out)")
+    p.add_argument("--max-length", type=int, default=24, help="truncate prompts to this many tokens")
+    p.add_argument("--layers", type=int, nargs="+", help="layer indices (default: all)")
+    p.add_argument("--heads", type=int, nargs="+", help="key/value head indices (default: all)")
+    p.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="prefix lengths of the grid")
+    p.add_argument("--rs", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="LoRA ranks of the grid")
+    p.add_argument("--draws", type=int, default=2, help="random LoRA directions per grid cell")
+    p.add_argument("--rtol", type=float, default=1e-8, help="rank cut-off: σ > rtol·σ_max")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (thousands of tiny jvps: 1 is fastest)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.prefix_run is None:
+        jobs = [(name, lambda spec=spec: (*random_models(spec), DataSpec(), spec.name)) for name, spec in TINY.items()]
+    else:
+        jobs = [("run", lambda: run_models(args.prefix_run, args.lora_run))]
+    for name, build in jobs:
+        start = time.perf_counter()
+        base, prefix, lora, tok, init_ids, data, model_name = build()
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        ids, mask = sentences(tok, data, args.sentences, args.max_length)
+        print(f"\n## {model_name}: {int(mask.sum())} real tokens in {len(ids)} prompts")
+        res = analyze(base, prefix, lora, ids, mask, args.out / model_name, layers=args.layers, heads=args.heads,
+                      ms=tuple(args.ms), rs=tuple(args.rs), init_ids=init_ids, rtol=args.rtol, draws=args.draws)
+        span = res["span"]
+        print(f"r = m boundary in the grid: {span['boundary_at_r_eq_m']}; random-vector baseline at m = {args.ms[-1]}: "
+              f"{span['points']['text']['baseline'][-1]:.3f}; gating λ in [{res['gating']['lam_min']:.3f}, "
+              f"{res['gating']['lam_max']:.3f}]")
+        print(f"wrote {args.out / model_name} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
