@@ -3,6 +3,7 @@
     python evaluate.py ckpt=multirun/<date>/<time>/0               # one run -> eval.json
     python evaluate.py ckpt=multirun/<date>/<time>/0/compiled-r4   # a compiled prefix
     python evaluate.py ckpt=multirun/<date>/<time>                 # a sweep -> eval.json each + report/
+    python evaluate.py analysis=task_vector ckpt=<LoRA run | compiled dir> precision=fp16   # merge artifacts
 """
 
 from __future__ import annotations
@@ -42,8 +43,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
             logger.experiment.log({p.stem: wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))})
         return result
+    if cfg.analysis == "task_vector":
+        from feta.task_vector import task_vector_analysis
+
+        summary, table = task_vector_analysis(ckpt, cfg.precision, ckpt / "analysis")
+        logger = make_logger(cfg, ckpt / "analysis", job_type="analysis", name=f"task_vector-{cfg.precision}-{ckpt.name}",
+                             group=_group(ckpt))
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            logger.log_table(f"task_vector/{cfg.precision}", dataframe=table)
+            logger.log_metrics({f"task_vector/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        log.info(f"task vector ({cfg.precision}): {summary['untouched_changed']} untouched tensors changed, "
+                 f"max |τ − B·A·scale| {summary['lora_max_abs_diff']:.2e}; {summary['csv']}")
+        return summary
     if cfg.analysis is not None:
-        raise ValueError(f"analysis must be null or equivalence, got {cfg.analysis!r}")
+        raise ValueError(f"analysis must be null, equivalence or task_vector, got {cfg.analysis!r}")
     targets = find_runs(ckpt)
     settings = OmegaConf.to_container(cfg, resolve=True)
     results, failed = {}, []

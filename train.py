@@ -1,4 +1,4 @@
-"""Train one adapter (prefix or LoRA) on SST-2 and write a run directory (feta/runs.py).
+"""Train one adapter (prefix, LoRA, prompt, IA3, gated prefix) on SST-2 and write a run directory (feta/runs.py).
 
     python train.py                                   # SmolLM2 + text-initialized prefix, offline
     python train.py -m adapter=prefix adapter.m=8,16,32
@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
-from feta.adapters import build_adapter, trainable_parameters
+from feta.adapters import build_adapter, run_name, trainable_parameters
 from feta.data import SST2DataModule
 from feta.devices import job_devices
 from feta.models import load_base_model
@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = SST2DataModule(data_spec, tokenizer, seed=cfg.seed)
     module = LabelWordClassifier(peft_model, datamodule.label_ids, lr=adapter_spec.lr)
 
-    name = f"{adapter_spec.kind}-" + (f"m{adapter_spec.m}" if adapter_spec.kind == "prefix" else f"r{adapter_spec.r}")
+    name = run_name(adapter_spec)
     group = sweep_group(cfg, run_dir)
     logger = make_logger(cfg, run_dir, job_type="train", name=name, group=group)
     ckpt_dir = run_dir / runs.CHECKPOINTS

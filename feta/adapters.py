@@ -6,17 +6,25 @@ This is the only module that builds PEFT configs. Each spec checks its own value
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from hydra.core.config_store import ConfigStore
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig,
+                  get_peft_model)
 
 from feta.schema import check_choice
 
 # Where LoRA goes when `adapter.targets` is null, per architecture family (ModelSpec.arch).
 DEFAULT_LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+# IA3 (Liu et al. 2022) rescales keys, values and the FFN's inner activations; PEFT's own defaults.
+# Feedforward modules scale their input (the FFN activation), the others their output.
+DEFAULT_IA3_TARGETS = {"gpt2": ["c_attn", "mlp.c_proj"], "llama": ["k_proj", "v_proj", "down_proj"]}
+DEFAULT_IA3_FEEDFORWARD = {"gpt2": ["mlp.c_proj"], "llama": ["down_proj"]}
+# model_type values PEFT's AdaptionPromptConfig (LLaMA-Adapter) knows how to wrap.
+GATED_PREFIX_MODEL_TYPES = ("gpt2", "llama", "mistral")
 # Text whose key/value cache starts a prefix (PEFT's text init): real text keeps the model on its
 # manifold, where a random prefix first destroys it (65.5% vs 87.6% on SmolLM2, notes/findings.md).
 DEFAULT_INIT_TEXT = (
@@ -79,34 +87,134 @@ class LoraSpec:
             raise ValueError(f"adapter.lr must be positive, got {self.lr}")
 
 
-SPECS = {"prefix": PrefixSpec, "lora": LoraSpec}
-AdapterSpec = PrefixSpec | LoraSpec
+@dataclass
+class PromptSpec:
+    """Soft prompt tuning (Lester et al. 2021): m trainable embeddings prepended to the input only."""
+
+    kind: str = "prompt"
+    m: int = field(default=16, metadata={"help": "Prompt length (virtual input tokens)."})
+    init: str = field(
+        default="text", metadata={"help": "text: embeddings of `init_text` (repeated/cut to m); random; "
+                                          "vocab: embeddings of m sampled vocabulary tokens."}
+    )
+    init_text: str = field(default=DEFAULT_INIT_TEXT, metadata={"help": "Text for init=text."})
+    lr: float = field(default=3e-3, metadata={"help": "Learning rate (prefix's; not tuned for prompts)."})
+
+    def __post_init__(self) -> None:
+        if self.kind != "prompt":
+            raise ValueError(f"adapter.kind must be 'prompt' for a PromptSpec, got {self.kind!r}")
+        check_choice("adapter.init", self.init, ("text", "random", "vocab"))
+        if self.m < 1:
+            raise ValueError(f"adapter.m must be a positive int (prompt length), got {self.m}")
+        if self.init == "text" and not self.init_text.strip():
+            raise ValueError("adapter.init=text needs a non-empty adapter.init_text; give one or set adapter.init=vocab")
+        if self.lr <= 0:
+            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class IA3Spec:
+    """IA3: learned per-channel rescaling vectors (init 1) on the target modules' outputs or inputs."""
+
+    kind: str = "ia3"
+    targets: list[str] | None = field(default=None, metadata={"help": "Module names; null = per-architecture default."})
+    feedforward: list[str] | None = field(
+        default=None, metadata={"help": "Targets whose input is scaled (FFN); null = the default ones among targets."}
+    )
+    lr: float = field(default=3e-3, metadata={"help": "Learning rate (the IA3 paper's)."})
+
+    def __post_init__(self) -> None:
+        if self.kind != "ia3":
+            raise ValueError(f"adapter.kind must be 'ia3' for an IA3Spec, got {self.kind!r}")
+        if self.targets is not None and not self.targets:
+            raise ValueError("adapter.targets is empty; list module names or use null for the default")
+        if self.lr <= 0:
+            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class GatedPrefixSpec:
+    """LLaMA-Adapter (Zhang et al. 2023): m trainable prompt vectors per layer that the layer's queries
+    attend to, their contribution scaled by a per-head gate that starts at 0, so training starts
+    exactly at the base model. PEFT's AdaptionPromptConfig."""
+
+    kind: str = "gated_prefix"
+    m: int = field(default=10, metadata={"help": "Adapter prompt length per layer (LLaMA-Adapter: 10)."})
+    layers: int | None = field(default=None, metadata={"help": "Adapted layers, counted from the top; null = all."})
+    lr: float = field(default=1e-2, metadata={"help": "Learning rate (not tuned)."})
+
+    def __post_init__(self) -> None:
+        if self.kind != "gated_prefix":
+            raise ValueError(f"adapter.kind must be 'gated_prefix' for a GatedPrefixSpec, got {self.kind!r}")
+        if self.m < 1:
+            raise ValueError(f"adapter.m must be a positive int (adapter prompt length), got {self.m}")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"adapter.layers must be a positive int or null (all layers), got {self.layers}")
+        if self.lr <= 0:
+            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+
+
+SPECS = {"prefix": PrefixSpec, "lora": LoraSpec, "prompt": PromptSpec, "ia3": IA3Spec, "gated_prefix": GatedPrefixSpec}
+AdapterSpec = PrefixSpec | LoraSpec | PromptSpec | IA3Spec | GatedPrefixSpec
+# Token adaptations act through extra keys/values or inputs; weight-space ones change W and merge.
+TOKEN_KINDS = ("prefix", "prompt", "gated_prefix")
+WEIGHT_KINDS = ("lora", "ia3")
 
 cs = ConfigStore.instance()
 for _name, _spec in SPECS.items():
     cs.store(group="adapter", name=f"{_name}_schema", node=_spec)
 
 
+def run_name(spec: AdapterSpec) -> str:
+    """Short run name for logs and reports: prefix-m16, lora-r4, prompt-m16, ia3, gated_prefix-m10."""
+    if hasattr(spec, "m"):
+        return f"{spec.kind}-m{spec.m}"
+    return f"{spec.kind}-r{spec.r}" if hasattr(spec, "r") else spec.kind
+
+
 def lora_targets(spec: LoraSpec, arch: str) -> list[str]:
     return list(spec.targets) if spec.targets is not None else DEFAULT_LORA_TARGETS[arch]
 
 
+def ia3_modules(spec: IA3Spec, arch: str) -> tuple[list[str], list[str]]:
+    """(targets, feedforward) for IA3; the default feedforward set is cut to the chosen targets,
+    because PEFT requires feedforward ⊆ targets."""
+    targets = list(spec.targets) if spec.targets is not None else DEFAULT_IA3_TARGETS[arch]
+    if spec.feedforward is not None:
+        return targets, list(spec.feedforward)
+    return targets, [t for t in DEFAULT_IA3_FEEDFORWARD[arch] if t in targets]
+
+
 def _check_targets(model: torch.nn.Module, targets: list[str], model_name: str) -> None:
-    names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Module)}
-    missing = [t for t in targets if t not in names]
+    # PEFT matches a target against the end of a module's dotted name (e.g. "mlp.c_proj").
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
                          if type(mod).__name__ in ("Linear", "Conv1D")})
         raise ValueError(f"adapter.targets={missing} not in {model_name}; available: {', '.join(linear)}")
 
 
-def peft_config(spec: AdapterSpec, arch: str):
-    """The PEFT config for a spec; PEFT's own __post_init__ checks run here."""
+def peft_config(spec: AdapterSpec, arch: str, tokenizer_path: str | None = None, tokenizer_kwargs: dict | None = None):
+    """The PEFT config for a spec; PEFT's own __post_init__ checks run here.
+
+    A text-initialized prompt needs the tokenizer's path: PEFT reloads the tokenizer to embed the text."""
     if isinstance(spec, PrefixSpec):
         return PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=spec.m, prefix_projection=spec.projection,
             encoder_hidden_size=spec.projection_hidden, init_weights="zero" if spec.init == "zero" else None,
         )
+    if isinstance(spec, PromptSpec):
+        init = {"text": "TEXT", "random": "RANDOM", "vocab": "SAMPLE_VOCAB"}[spec.init]
+        text = {"prompt_tuning_init_text": spec.init_text, "tokenizer_name_or_path": tokenizer_path,
+                "tokenizer_kwargs": tokenizer_kwargs} if spec.init == "text" else {}
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.m, prompt_tuning_init=init, **text)
+    if isinstance(spec, IA3Spec):
+        targets, feedforward = ia3_modules(spec, arch)
+        return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward,
+                         fan_in_fan_out=arch == "gpt2")
+    if isinstance(spec, GatedPrefixSpec):
+        return AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=spec.m, adapter_layers=spec.layers)
     alpha = spec.alpha if spec.alpha is not None else 2 * spec.r
     return LoraConfig(
         task_type="CAUSAL_LM", r=spec.r, lora_alpha=alpha, lora_dropout=spec.dropout,
@@ -119,14 +227,22 @@ def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: st
     """Wrap a base model with a fresh PEFT adapter; only the adapter's parameters require grad."""
     if isinstance(spec, LoraSpec):
         _check_targets(model, lora_targets(spec, arch), model_name)
-    if isinstance(spec, PrefixSpec):
+    if isinstance(spec, IA3Spec):
+        _check_targets(model, ia3_modules(spec, arch)[0], model_name)
+    if isinstance(spec, GatedPrefixSpec):
+        _check_gated_prefix(model, spec, model_name)
+        # PEFT needs the layer count itself; null means all layers.
+        spec = dataclasses.replace(spec, layers=spec.layers or model.config.num_hidden_layers)
+    if isinstance(spec, (PrefixSpec, PromptSpec)):  # both take m positions before the input's
         n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
         if n_pos is not None and max_length and spec.m + max_length > n_pos:
             raise ValueError(
                 f"adapter.m + data.max_length = {spec.m} + {max_length} > {n_pos} positions of {model_name}; "
                 "lower one of them"
             )
-    peft_model = get_peft_model(model, peft_config(spec, arch))
+    # The GGUF tokenizer lives inside the model file; PEFT's reload needs its name (unverified on GGUF).
+    kwargs = {"gguf_file": tokenizer.init_kwargs["gguf_file"]} if "gguf_file" in tokenizer.init_kwargs else None
+    peft_model = get_peft_model(model, peft_config(spec, arch, tokenizer.name_or_path, kwargs))
     if isinstance(spec, PrefixSpec) and spec.init == "text":
         from peft import initialize_kv_prefix_from_text
 
@@ -139,6 +255,18 @@ def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: st
         # Plain text, no chat template: the prefix then equals running the model on those m tokens.
         initialize_kv_prefix_from_text(peft_model, tokenizer, text=spec.init_text, use_chat_template=False)
     return peft_model
+
+
+def _check_gated_prefix(model: torch.nn.Module, spec: GatedPrefixSpec, model_name: str) -> None:
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in GATED_PREFIX_MODEL_TYPES:
+        raise ValueError(
+            f"adapter=gated_prefix (PEFT's LLaMA-Adapter) supports {', '.join(GATED_PREFIX_MODEL_TYPES)} models; "
+            f"{model_name} is {model_type}: use adapter=prefix or adapter=prompt"
+        )
+    n_layers = model.config.num_hidden_layers
+    if spec.layers is not None and spec.layers > n_layers:
+        raise ValueError(f"adapter.layers={spec.layers} but {model_name} has {n_layers} layers; use <= {n_layers} or null")
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -187,7 +315,7 @@ def merged_copy(peft_model):
     import copy
 
     model = copy.deepcopy(peft_model)
-    if model.peft_config[model.active_adapter].lora_bias:
+    if getattr(model.peft_config[model.active_adapter], "lora_bias", False):  # IA3 has none
         _give_attention_biases(model.get_base_model())
     return model.merge_and_unload(safe_merge=True).eval()
 

@@ -25,7 +25,7 @@ class Target:
     """What a run directory holds, resolved to models."""
 
     run_dir: Path
-    kind: str  # prefix | lora | compiled
+    kind: str  # an adapter kind (feta.adapters.SPECS) or compiled
     name: str
     cfg: Any  # the (source) training run's config
     record: dict  # metrics.json or compile.json
@@ -108,7 +108,7 @@ def latency_block(model, kind: str, model_spec, datamodule: SST2DataModule, sett
 
     base, _ = load_base_model(model_spec)
     candidates = {"adapter": model}
-    if kind in ("lora", "compiled"):
+    if kind in ("lora", "ia3", "compiled"):  # weight-space: the merged model is the deployed form
         candidates["merged"] = merged_copy(model)
     prompts = datamodule.sentences("validation", max(settings["batches"]))
     enc = datamodule.tokenizer(prompts, padding="max_length", truncation=True, max_length=settings["prompt_len"],

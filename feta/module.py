@@ -21,8 +21,10 @@ def label_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
     # logits_to_keep=1 skips the full-vocabulary head; we apply only the label words' rows below.
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
                 **forward_kwargs)
-    h = out.hidden_states[-1]  # (B, T, d), after the final norm
-    last = attention_mask.sum(dim=1) - 1  # (B,)
+    h = out.hidden_states[-1]  # (B, n_virtual + T, d), after the final norm
+    # A soft prompt (PEFT prompt tuning) prepends n_virtual positions to the sequence; a prefix does not.
+    n_virtual = h.size(1) - input_ids.size(1)
+    last = attention_mask.sum(dim=1) - 1 + n_virtual  # (B,)
     h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, d)
     w = model.get_output_embeddings().weight[label_ids]  # (n_labels, d)
     return h_last @ w.T

@@ -282,11 +282,13 @@ def _place_labels(ax, items: list[tuple[float, float, str, dict]], fontsize: flo
     px = ax.figure.dpi / 72.0  # pixels per point
     h = 1.25 * fontsize * px
     placed: list[tuple[float, float, float]] = []  # (x0, x1, y) of placed labels, pixels
+    # A hair under h: (c + h) - c can round below h, and the loop below would then never move on.
+    h_clear = h * (1 - 1e-9)
     pts = [(*ax.transData.transform((x, y)), text, kw) for x, y, text, kw in items]
     for x, y, text, kw in sorted(pts, key=lambda p: p[1]):
         x0, x1, y_lab = x + 7 * px, x + 7 * px + 0.62 * fontsize * px * len(text), y
-        while any(a < x1 and x0 < b and abs(y_lab - c) < h for a, b, c in placed):
-            y_lab = max(c for a, b, c in placed if a < x1 and x0 < b and abs(y_lab - c) < h) + h
+        while any(a < x1 and x0 < b and abs(y_lab - c) < h_clear for a, b, c in placed):
+            y_lab = max(c for a, b, c in placed if a < x1 and x0 < b and abs(y_lab - c) < h_clear) + h
         placed.append((x0, x1, y_lab))
         moved = abs(y_lab - y) > 0.5 * h
         ax.annotate(text, ax.transData.inverted().transform((x, y)), xytext=(7, (y_lab - y) / px),

@@ -47,7 +47,8 @@ def test_adapter_spec_to_peft_to_forward(option, tiny_model):
     n_peft, _ = peft_model.get_nb_trainable_parameters()
     assert trainable_parameters(peft_model) == n_peft > 0
     out = peft_model(input_ids=torch.tensor([[15496, 995, 11]])).logits
-    assert out.shape == (1, 3, len(tok)) and torch.isfinite(out).all()
+    n_virtual = spec.m if spec.kind == "prompt" else 0  # a soft prompt is prepended to the sequence
+    assert out.shape == (1, n_virtual + 3, len(tok)) and torch.isfinite(out).all()
 
 
 @pytest.fixture

@@ -1,0 +1,204 @@
+"""The rest of the adapter family (prompt, IA3, gated prefix): train, only the adapter changes,
+save/reload, zero-init gate, label position under a soft prompt, bad settings, sweep report."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from peft import PeftModel
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from evaluate import evaluate
+from feta.adapters import build_adapter, run_name
+from feta.models import load_base_model
+from feta.module import label_logits
+from feta.schema import to_spec
+from tests.conftest import compose_cfg, tiny_train_cfg
+from tests.test_evaluate import eval_cfg
+from train import train
+
+# (job name, overrides): each trains 4 steps; gated prefix on both architectures PEFT supports here.
+RUNS = {
+    "prompt": ("adapter=prompt", "adapter.m=4"),
+    "prompt_vocab": ("adapter=prompt", "adapter.m=4", "adapter.init=vocab"),
+    "ia3": ("adapter=ia3",),
+    "gated_prefix": ("adapter=gated_prefix", "adapter.m=4"),
+    "gated_prefix_llama": ("adapter=gated_prefix", "adapter.m=4", "model=llama_tiny"),
+}
+
+
+def _tiny(model: str = "gpt2_tiny"):
+    cfg = compose_cfg("train", [f"model={model}"])
+    return load_base_model(to_spec(cfg, "model"))
+
+
+def _batch(tok, texts=("a fine film", "dull, long and far too loud for anyone")):
+    tok.pad_token = tok.pad_token or tok.eos_token  # as feta.data does
+    enc = tok(list(texts), padding=True, return_tensors="pt")  # right padding: row 0 is padded
+    assert enc["attention_mask"][0].sum() < enc["attention_mask"].shape[1]
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """One sweep directory with a run per RUNS entry: {job: (cfg, metrics, objects)}."""
+    root = tmp_path_factory.mktemp("family")
+    out = {}
+    for job, overrides in RUNS.items():
+        cfg = tiny_train_cfg(root, *overrides)
+        with open_dict(cfg):
+            cfg.output_dir = str(root / job)
+        metrics, obj = train(cfg)
+        out[job] = (cfg, metrics, obj)
+    return root, out
+
+
+def _frozen(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if not p.requires_grad]
+
+
+@pytest.mark.parametrize("job", list(RUNS))
+def test_trains_only_its_parameters_and_reloads(family, job):
+    root, runs = family
+    cfg, metrics, obj = runs[job]
+    trained = obj["model"].eval()
+    assert metrics["global_step"] == 4 and metrics["adapter"] == cfg.adapter.kind
+    assert metrics["name"] == run_name(to_spec(cfg, "adapter"))
+
+    # The base weights are bit-identical to a fresh base model's (same order, shapes and values).
+    fresh, tok = load_base_model(to_spec(cfg, "model"))
+    base_params = list(fresh.parameters())
+    frozen = _frozen(trained)
+    assert len(frozen) == len(base_params)
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(frozen, base_params))
+
+    # The adapter's own parameters moved away from their fresh initialization.
+    init = build_adapter(copy.deepcopy(fresh), tok, to_spec(cfg, "adapter"), to_spec(cfg, "model").arch, "tiny")
+    moved = [not torch.equal(a, b) for a, b in zip(
+        [p for p in trained.parameters() if p.requires_grad], [p for p in init.parameters() if p.requires_grad])]
+    assert moved and any(moved)
+
+    # Save/reload with plain PEFT on a fresh base model: the same label logits, bit for bit.
+    ids, mask = _batch(tok)
+    label_ids = obj["datamodule"].label_ids
+    reloaded = PeftModel.from_pretrained(fresh, str(root / job / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(label_logits(trained, ids, mask, label_ids), label_logits(reloaded, ids, mask, label_ids))
+
+
+def test_gated_prefix_trained_its_gates(family):
+    _, runs = family
+    for job in ("gated_prefix", "gated_prefix_llama"):
+        gates = [p for n, p in runs[job][2]["model"].named_parameters() if "adaption_gate" in n]
+        assert gates and any(g.abs().max() > 0 for g in gates), job
+
+
+@pytest.mark.parametrize("model", ["gpt2_tiny", "llama_tiny"])
+def test_gated_prefix_starts_exactly_at_the_base_model(model):
+    base, tok = _tiny(model)
+    ids, mask = _batch(tok)
+    with torch.no_grad():
+        ref = base(input_ids=ids, attention_mask=mask).logits
+    spec = to_spec(compose_cfg("train", ["adapter=gated_prefix", f"model={model}"]), "adapter")
+    gated = build_adapter(copy.deepcopy(base), tok, spec, to_spec(compose_cfg("train", [f"model={model}"]), "model").arch)
+    assert all(float(p.abs().max()) == 0.0 for n, p in gated.named_parameters() if "adaption_gate" in n)
+    with torch.no_grad():
+        assert torch.equal(gated(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+@pytest.mark.parametrize("init", ["random", "vocab", "text"])
+def test_label_logits_pick_the_last_real_token_after_a_soft_prompt(init):
+    base, tok = _tiny()
+    spec = to_spec(compose_cfg("train", ["adapter=prompt", "adapter.m=5", f"adapter.init={init}"]), "adapter")
+    model = build_adapter(base, tok, spec, "gpt2").eval()
+    ids, mask = _batch(tok)
+    label_ids = [4633, 3967]
+    with torch.no_grad():
+        got = label_logits(model, ids, mask, label_ids)
+        full = model(input_ids=ids, attention_mask=mask).logits  # (B, m + T, V): virtual tokens first
+    assert full.shape[1] == spec.m + ids.shape[1]
+    last = spec.m + mask.sum(1) - 1  # each row's last real token in the full sequence
+    want = full[torch.arange(2), last][:, label_ids]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_prompt_text_init_uses_the_texts_embeddings():
+    base, tok = _tiny()
+    spec = to_spec(compose_cfg("train", ["adapter=prompt", "adapter.m=3", "adapter.init_text=great movie night"]), "adapter")
+    model = build_adapter(copy.deepcopy(base), tok, spec, "gpt2")
+    text_ids = tok("great movie night", add_special_tokens=False)["input_ids"][:3]
+    prompt = model.prompt_encoder["default"].embedding.weight  # (m, d)
+    torch.testing.assert_close(prompt, base.get_input_embeddings().weight[text_ids].float())
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["adapter=prompt", "adapter.init_text= "], r"adapter\.init=text needs a non-empty adapter\.init_text"),
+        (["adapter=prompt", "adapter.init=zero"], r"adapter\.init must be one of text, random, vocab; got 'zero'"),
+        (["adapter=prompt", "adapter.m=0"], r"adapter\.m must be a positive int \(prompt length\), got 0"),
+        (["adapter=ia3", "adapter.targets=[]"], r"adapter\.targets is empty"),
+        (["adapter=gated_prefix", "adapter.layers=0"], r"adapter\.layers must be a positive int or null"),
+    ],
+)
+def test_bad_spec_values_name_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        to_spec(compose_cfg("train", overrides), "adapter")
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["adapter=ia3", "adapter.targets=[q_proj]"], r"adapter\.targets=\['q_proj'\] not in tiny; available: .*c_attn"),
+        (["adapter=ia3", "adapter.feedforward=[c_fc]"], r"feedforward_modules.*subset"),  # PEFT's own check
+        (["adapter=gated_prefix", "adapter.layers=3"], r"adapter\.layers=3 but tiny has 2 layers"),
+        (["adapter=prompt", "adapter.m=250"], r"adapter\.m \+ data\.max_length = 250 \+ 128 > 256 positions of tiny"),
+    ],
+)
+def test_bad_model_dependent_values_name_the_field(overrides, match):
+    base, tok = _tiny()
+    spec = to_spec(compose_cfg("train", overrides), "adapter")
+    with pytest.raises(ValueError, match=match):
+        build_adapter(base, tok, spec, "gpt2", "tiny", max_length=128)
+
+
+def test_gated_prefix_on_an_unsupported_architecture_is_a_clear_error():
+    _, tok = _tiny()
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64))
+    spec = to_spec(compose_cfg("train", ["adapter=gated_prefix"]), "adapter")
+    with pytest.raises(ValueError, match=r"adapter=gated_prefix .* supports gpt2, llama, mistral models; neox is "
+                                         r"gpt_neox: use adapter=prefix or adapter=prompt"):
+        build_adapter(neox, tok, spec, "gpt2", "neox")
+
+
+def test_family_appears_in_the_sweep_report(family):
+    root, runs = family
+    evaluate(eval_cfg(root))
+    table = (root / "report" / "results.csv").read_text()
+    for job in RUNS:
+        ev = json.loads((root / job / "eval.json").read_text())
+        assert ev["kind"] == runs[job][0].adapter.kind and 0 <= ev["val_acc"] <= 1
+        assert ev["name"] in table
+    ia3 = json.loads((root / "ia3" / "eval.json").read_text())
+    assert {r["name"] for r in ia3["latency"]["rows"]} == {"base", "adapter", "merged"}  # IA3 merges
+    assert Path(root / "report" / "acc_vs_latency.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("job,match", [
+    ("ia3", r"is a ia3 run; compile turns a prefix run into LoRA \(a ia3 adapter is already weight-space: it merges "
+            r"directly"),
+    ("prompt", r"is a prompt run; compile supports prefix runs only so far .*prompt → LoRA fit is not implemented"),
+    ("gated_prefix", r"is a gated_prefix run; compile supports prefix runs only so far"),
+])
+def test_compile_says_what_it_supports(family, job, match):
+    from compile import compile_prefix
+
+    root, _ = family
+    with pytest.raises(ValueError, match=match):
+        compile_prefix(compose_cfg("compile", [f"ckpt={root / job}", "~logger"]))
