@@ -45,7 +45,7 @@ class CompileSpec:
     match: str = field(default="stream", metadata={"help": "stream: the post-attention residual stream (corrects "
                                                           "earlier layers' error) | module: the attention output."})
     last_weight: float = field(default=1.0, metadata={"help": "Weight of the classified (last) token in the fit."})
-    sink_ratio: float = field(default=20.0, metadata={"help": "A token is a sink if its norm > ratio x median."})
+    sink_ratio: float = field(default=6.0, metadata={"help": "A token is a sink if its norm > ratio x median."})
     ridge: float = field(default=1e-4, metadata={"help": "Ridge, relative to the mean eigenvalue of X^T X."})
     calib_size: int = field(default=512, metadata={"help": "Calibration sentences (training split)."})
     calib_seed: int = field(default=0, metadata={"help": "Which seeded sample of calibration sentences."})
@@ -192,12 +192,32 @@ def last_token(batch: dict[str, Tensor]) -> Tensor:
     return is_last
 
 
-def fit_weights(batch: dict[str, Tensor], spec: CompileSpec) -> Tensor:
-    """Per-token regression weights (B, T) from `fit_positions` (sinks are found per layer, later)."""
+@torch.no_grad()
+def find_sinks(base_model, batch: dict[str, Tensor], ratio: float) -> Tensor:
+    """(B, T) bool: tokens that are massive activations at any layer of the BASE model, where it parks
+    attention (usually the first real token). Not in the prefix model: the prefix takes that role over,
+    which is exactly why those tokens change so much. The classified token is never a sink."""
+    out = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    mask = batch["attention_mask"].bool()
+    sinks = torch.stack([detect_sinks(h, mask, ratio) for h in out.hidden_states[1:]]).any(0)
+    return sinks & ~last_token(batch)
+
+
+def fit_weights(batch: dict[str, Tensor], sinks: Tensor, spec: CompileSpec) -> tuple[Tensor, dict]:
+    """Per-token regression weights (B, T) from `fit_positions`, and a record of what was left out."""
     mask = batch["attention_mask"].bool()
     is_last = last_token(batch)
-    keep = is_last if spec.fit_positions == "last" else mask
-    return keep.double() * torch.where(is_last, spec.last_weight, 1.0).double()
+    keep = {"last": is_last, "all": mask, "content": mask & ~sinks}[spec.fit_positions]
+    positions = sinks.nonzero()[:, 1]
+    record = {
+        "fit_positions": spec.fit_positions,
+        "tokens_total": int(mask.sum()),
+        "tokens_fitted": int(keep.sum()),
+        "sinks_detected": int(sinks.sum()),
+        "sink_positions": {int(p): int((positions == p).sum()) for p in positions.unique()},
+        "sink_rule": f"base-model hidden-state norm > {spec.sink_ratio} x median at any layer",
+    }
+    return keep.double() * torch.where(is_last, spec.last_weight, 1.0).double(), record
 
 
 @torch.no_grad()
@@ -206,8 +226,7 @@ def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[
     """Fit every layer's LoRA in one forward pass of the compiled model (see module docstring)."""
     base = lora_model.get_base_model()
     names = target_modules(base, arch, spec.target)
-    mask, is_last = batch["attention_mask"].bool(), last_token(batch)
-    sinks = torch.zeros_like(mask)  # grows layer by layer: once a sink, always left out
+    select = weights > 0  # (B, T)
     h_in, stats, hooks = {}, {}, []
 
     def fit_here(module, args, i):
@@ -218,20 +237,11 @@ def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[
             target = h_in_p + o_p - h_in_c - module.base_layer(x)  # (B, T, d_out)
         else:  # "module": the prefix-induced change of the attention output alone
             target = o_p - module.base_layer(x)
-        if spec.fit_positions == "content":
-            # A sink is a massive activation in the compiled model's own stream (where the base model
-            # parks attention), or a token whose target dwarfs the rest (the prefix took over its role).
-            sinks.logical_or_(detect_sinks(h_in_c, mask, spec.sink_ratio) | detect_sinks(target, mask, spec.sink_ratio))
-            sinks.logical_and_(~is_last)
-        select = (weights > 0) & ~sinks  # (B, T)
         target = target[select]  # (n, d_out)
         A, B, b = reduced_rank_fit(x[select], target, spec.rank, spec.ridge, spec.bias, weights[select])
         _write_lora(module, A, B, b)
         resid = target.double() - (x[select].double() @ A.T @ B.T + (b if b is not None else 0))
-        positions = sinks.nonzero()[:, 1]
-        stats[i] = {"fit_residual": float((resid.norm() / target.double().norm().clamp_min(1e-30))),
-                    "tokens_fitted": int(select.sum()), "sinks": int(sinks.sum()),
-                    "sink_positions": {int(p): int((positions == p).sum()) for p in positions.unique()}}
+        stats[i] = {"fit_residual": float((resid.norm() / target.double().norm().clamp_min(1e-30)))}
 
     for i, name in names.items():
         hooks.append(_parent_layer(base, name).register_forward_pre_hook(
@@ -268,7 +278,7 @@ def layer_residuals(base_model, prefix_model, compiled_model, batch: dict[str, T
     h = {k: torch.stack(m(**kw).hidden_states)[1:] for k, m in  # (L, B, T, d); layer 0 = embeddings
          (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}
     mask, last = batch["attention_mask"].bool(), last_token(batch)
-    # Sinks are where the base model parks attention (a prefix takes that role over, so not in h_prefix).
+    # As in the fit: sinks are where the base model parks attention (see find_sinks).
     sinks = torch.stack([detect_sinks(x, mask, sink_ratio) for x in h["base"]]).any(0) & ~last
     selections = {"last": last, "content": mask & ~sinks, "all": mask}
     return {
@@ -358,7 +368,7 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
 
     prefix_model = load_adapter(copy.deepcopy(base), path).eval()
     streams = prefix_stream(prefix_model, calib, model_spec.arch, spec.target)
-    weights = fit_weights(calib, spec)
+    weights, positions = fit_weights(calib, find_sinks(base, calib, spec.sink_ratio), spec)
     lora_cfg = compiled_lora_config(spec.rank, list(names.values()), spec.bias, model_spec.arch)
     compiled = get_peft_model(copy.deepcopy(base), lora_cfg).eval()
     stats = {}
@@ -384,10 +394,7 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
         "bias": spec.bias,
         "target": spec.target,
         "target_modules": list(names.values()),
-        "calibration": {"sentences": spec.calib_size, "max_length": spec.calib_max_length,
-                        "tokens": int(calib["attention_mask"].sum()), "fit_positions": spec.fit_positions,
-                        "sink_rule": f"norm of the layer input or of the target > {spec.sink_ratio} x median; "
-                                     "a sink at one layer stays out at the later ones; never the classified token"},
+        "calibration": {"sentences": spec.calib_size, "max_length": spec.calib_max_length, **positions},
         "eval_sentences": spec.eval_size,
         "residuals": residuals,
         "residual_last_final": residuals["last"][-1],
