@@ -42,12 +42,12 @@ class CompileSpec:
     target: str = field(default="o", metadata={"help": "Module the LoRA goes on: o = attention output projection."})
     bias: bool = field(default=False, metadata={"help": "Fit a per-layer bias with the low-rank map (lora_bias)."})
     fit_positions: str = field(default="content", metadata={"help": "content (no sinks) | all | last."})
-    match: str = field(default="stream", metadata={"help": "stream: the post-attention residual stream (corrects "
+    match: str = field(default="module", metadata={"help": "stream: the post-attention residual stream (corrects "
                                                           "earlier layers' error) | module: the attention output."})
     last_weight: float = field(default=1.0, metadata={"help": "Weight of the classified (last) token in the fit."})
     sink_ratio: float = field(default=6.0, metadata={"help": "A token is a sink if its norm > ratio x median."})
     ridge: float = field(default=1e-4, metadata={"help": "Ridge, relative to the mean eigenvalue of X^T X."})
-    calib_size: int = field(default=512, metadata={"help": "Calibration sentences (training split)."})
+    calib_size: int = field(default=256, metadata={"help": "Calibration sentences (training split)."})
     calib_seed: int = field(default=0, metadata={"help": "Which seeded sample of calibration sentences."})
     calib_max_length: int = field(default=64, metadata={"help": "Truncate calibration prompts (tokens)."})
     eval_size: int = field(default=128, metadata={"help": "Held-out validation sentences for residuals."})
