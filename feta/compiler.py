@@ -1,25 +1,27 @@
 """Compile a trained prefix into LoRA weights: prefix behaviour at the base model's inference cost.
 
 The closed form (`method=lstsq`): for every layer l, in order, a LoRA on the attention output
-projection W (input x, per token) is fitted so that the compiled model's residual stream after
-attention matches the prefix model's:
+projection W (input x, per token) is fitted to the prefix-induced change of that projection's output
+(`match=module`, the default):
 
-    target_l = h_mid_prefix_l - (h_in_compiled_l + W x_compiled_l)       # (n_tokens, d)
+    target_l = o_prefix_l - W x_compiled_l                                # (n_tokens, d)
     min_{rank(ΔW) <= r}  sum_t w_t ||target_t - ΔW x_t||^2 + ridge ||ΔW||^2
 
-"Sequential": x and h_in come from the compiled model itself, layers < l already compiled, so
-the fit also corrects the error earlier layers left. All layers are fitted in ONE forward pass of
-the calibration batch: a pre-hook on each target module fits its LoRA from the activations that
-arrive, writes it, and lets the forward continue through it.
+`match=stream` targets the whole residual stream after attention instead (h_mid_prefix − h_in_compiled
+− W x), so a layer also tries to undo earlier layers' error; on SmolLM2 it was much worse.
+"Sequential": x comes from the compiled model itself, layers < l already compiled. All layers are
+fitted in ONE forward pass of the calibration batch: a pre-hook on each target module fits its LoRA
+from the activations that arrive, writes it, and lets the forward continue through it.
 
-Attention-sink tokens (massive hidden-state norm, usually the first real token) are left out of
-the regression sums by default: their prefix-induced change is orders of magnitude larger than any
-other token's and swamps the least squares (notes/findings.md: r=4 from 70.8% to 86.4% on SmolLM2).
-The adapter still applies to them at inference.
+Attention-sink tokens (massive hidden-state norm in the base model, usually the first real token) are
+left out of the regression sums by default: a prefix takes their role over, so their change is orders
+of magnitude larger than any other token's and swamps the least squares (SmolLM2, r=4: 59% with the sink
+left in and match=stream, 86.7% with it out and match=module; README). The adapter still applies to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -164,23 +166,36 @@ def _layer_input(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+@contextlib.contextmanager
+def _layer_hooks(base: torch.nn.Module, names: dict[int, str], at_module, before: bool):
+    """For one forward: record each layer's input in h_in[i] and call at_module(module, x, i, h_in)
+    at its target module, with x its input args (before=True, the forward then runs through any
+    weights the call wrote) or its output (before=False)."""
+    h_in, hooks = {}, []
+    for i, name in names.items():
+        hooks.append(_parent_layer(base, name).register_forward_pre_hook(
+            lambda m, a, k, i=i: h_in.__setitem__(i, _layer_input(a, k)), with_kwargs=True))
+        module = base.get_submodule(name)
+        if before:
+            hooks.append(module.register_forward_pre_hook(lambda m, a, i=i: at_module(m, a, i, h_in)))
+        else:
+            hooks.append(module.register_forward_hook(lambda m, a, out, i=i: at_module(m, out, i, h_in)))
+    try:
+        yield h_in
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, target: str) -> dict[int, tuple[Tensor, Tensor]]:
     """Per layer, the prefix model's layer input h_in and attention output o (the target module's
     output), each (B, T, d): h_mid = h_in + o is the stream right after attention."""
     base = prefix_model.get_base_model()
-    names = target_modules(base, arch, target)
-    h_in, streams, hooks = {}, {}, []
-    for i, name in names.items():
-        hooks.append(_parent_layer(base, name).register_forward_pre_hook(
-            lambda m, a, k, i=i: h_in.__setitem__(i, _layer_input(a, k)), with_kwargs=True))
-        hooks.append(base.get_submodule(name).register_forward_hook(
-            lambda m, a, out, i=i: streams.__setitem__(i, (h_in[i], out))))
-    try:
+    streams = {}
+    with _layer_hooks(base, target_modules(base, arch, target),
+                      lambda m, out, i, h_in: streams.__setitem__(i, (h_in[i], out)), before=False):
         prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in hooks:
-            h.remove()
     return streams
 
 
@@ -227,9 +242,9 @@ def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[
     base = lora_model.get_base_model()
     names = target_modules(base, arch, spec.target)
     select = weights > 0  # (B, T)
-    h_in, stats, hooks = {}, {}, []
+    stats = {}
 
-    def fit_here(module, args, i):
+    def fit_here(module, args, i, h_in):
         x = args[0]  # (B, T, d_in)
         h_in_c = h_in[i]
         h_in_p, o_p = prefix[i]
@@ -243,15 +258,8 @@ def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[
         resid = target.double() - (x[select].double() @ A.T @ B.T + (b if b is not None else 0))
         stats[i] = {"fit_residual": float((resid.norm() / target.double().norm().clamp_min(1e-30)))}
 
-    for i, name in names.items():
-        hooks.append(_parent_layer(base, name).register_forward_pre_hook(
-            lambda m, a, k, i=i: h_in.__setitem__(i, _layer_input(a, k)), with_kwargs=True))
-        hooks.append(base.get_submodule(name).register_forward_pre_hook(lambda m, a, i=i: fit_here(m, a, i)))
-    try:
+    with _layer_hooks(base, names, lambda m, args, i, h_in: fit_here(m, args, i, h_in), before=True):
         lora_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in hooks:
-            h.remove()
     return stats
 
 
