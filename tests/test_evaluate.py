@@ -91,3 +91,20 @@ def test_single_unfinished_run_is_an_error(tmp_path):
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"no runs under ckpt={tmp_path}"):
         evaluate(eval_cfg(tmp_path))
+
+
+def test_equivalence_analysis_command_writes_json_and_figures(sweep):
+    out = evaluate(eval_cfg(sweep / "0", "analysis=equivalence", f"lora={sweep / '1'}", "equivalence.sentences=4",
+                            "equivalence.layers=[0]"))
+    analysis = sweep / "0" / "analysis"
+    saved = json.loads((analysis / "equivalence.json").read_text())
+    assert saved["verdicts"] == out["verdicts"] and [g["layer"] for g in saved["gating"]["per_layer"]] == [0]
+    # float64, through the real attention module, with the prefix's λ strictly inside (0, 1)
+    assert saved["gating"]["max_abs_err"] < 1e-10 and 0 < saved["gating"]["lam_min"] < saved["gating"]["lam_max"] < 1
+    for name in ("linearity.png", "span_grid.png", "prefix_spectrum.png"):
+        assert (analysis / name).stat().st_size > 10_000
+
+
+def test_equivalence_analysis_refuses_a_lora_run(sweep):
+    with pytest.raises(ValueError, match=r"analysis=equivalence takes a prefix run as ckpt; .* is a lora run"):
+        evaluate(eval_cfg(sweep / "1", "analysis=equivalence"))
