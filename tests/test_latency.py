@@ -153,24 +153,16 @@ def test_prefix_changes_decode():
     assert (with_prefix - without).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("kind", ["base", "lora"])
-def test_decode_equals_generate(kind):
-    model = {"base": lambda: fresh()[0], "lora": lora_model}[kind]()
-    ids, n = prompt(2, 8, seed=2), 5
-    tokens = Decoder(model, ids, n)()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n + 1,
-                             min_new_tokens=n + 1, do_sample=False, pad_token_id=0)
-    assert torch.equal(out[:, 9:], tokens)
-
-
-@pytest.mark.xfail(strict=False, reason=(
+GENERATE_DROPS_PREFIX = pytest.mark.xfail(strict=False, reason=(
     "PEFT 0.21.2 + transformers 5.24: generate() of a prefix-tuning model drops the prefix. PEFT puts it in "
     "`past_key_values` while generate passes its own empty `cache`, which wins; the tokens then come from "
     "the base model at positions shifted by m. Decoder (full-forward-checked above) is the reference."))
-def test_peft_generate_keeps_prefix():
-    model = prefix_model(16)
-    ids, n = prompt(1, 8, seed=1), 4
+
+
+@pytest.mark.parametrize("kind", ["base", "lora", pytest.param("prefix", marks=GENERATE_DROPS_PREFIX)])
+def test_decode_equals_generate(kind):
+    model = {"base": lambda: fresh()[0], "lora": lora_model, "prefix": lambda: prefix_model(16)}[kind]()
+    ids, n = prompt(2, 8, seed=2), 5
     tokens = Decoder(model, ids, n)()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n + 1,
