@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from feta import runs
-from feta.adapters import load_adapter, merged_copy, trainable_parameters
+from feta.adapters import load_adapter, merged_copy
 from feta.data import SST2DataModule
 from feta.models import load_base_model
 from feta.module import LabelWordClassifier
@@ -138,7 +138,8 @@ def evaluate_run(run_dir: Path, settings: dict) -> dict[str, Any]:
         "model": model_spec.name,
         "m": target.cfg.adapter.get("m"),
         "r": target.record["rank"] if target.kind == "compiled" else target.cfg.adapter.get("r"),
-        "trainable_params": trainable_parameters(model) if target.kind != "compiled" else _lora_params(model),
+        # A loaded adapter is frozen, so count what training reported (compiled: the LoRA's tensors).
+        "trainable_params": _lora_params(model) if target.kind == "compiled" else target.record["trainable_params"],
         **accuracy_block(preds, labels),
         "agreement_with_source": None,
         "residuals": None,

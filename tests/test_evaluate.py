@@ -47,6 +47,8 @@ def test_sweep_eval_and_report(sweep):
         assert {(r["phase"], r["batch"]) for r in rows} == {("prefill", 1), ("prefill", 2), ("decode", 1)}
         assert all(r["us_per_token"] > 0 and math.isfinite(r["ratio_to_base"]) for r in rows)
         assert ev["latency"]["device"] == "cpu" and ev["latency"]["threads"] >= 1
+    for job in ("0", "1"):  # what training counted, not the frozen reloaded adapter's zero
+        assert evals[job]["trainable_params"] == json.loads((sweep / job / "metrics.json").read_text())["trainable_params"] > 0
     assert {r["name"] for r in evals["1"]["latency"]["rows"]} == {"base", "adapter", "merged"}
     assert {r["name"] for r in evals["0"]["latency"]["rows"]} == {"base", "adapter"}
     comp = evals["compiled-r4"]
