@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from feta import runs
-from feta.compiler import CompileSpec, check_source, compile_run, merge_compiled
+from feta.compiler import CompileSpec, compile_run, merge_compiled
 from feta.tracking import log_artifact, make_logger, task_wrapper
 
 log = logging.getLogger("feta")
@@ -38,7 +38,6 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     out = out_dir_for(cfg, spec)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it or out_dir=<another dir>")
-    check_source(cfg.ckpt, spec, cfg.base_model)  # fail before the model loads
 
     record = compile_run(cfg.ckpt, spec, out, model_override=cfg.base_model)
     if cfg.merge:
