@@ -4,6 +4,7 @@
     python evaluate.py ckpt=multirun/<date>/<time>/0/compiled-r4   # a compiled prefix
     python evaluate.py ckpt=multirun/<date>/<time>                 # a sweep -> eval.json each + report/
     python evaluate.py analysis=task_vector ckpt=<LoRA run | compiled dir> precision=fp16   # merge artifacts
+    python evaluate.py analysis=interpolate ckpt=<prefix run A> other=<prefix run B>      # (1 − w)·A + w·B
 """
 
 from __future__ import annotations
@@ -55,8 +56,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"task vector ({cfg.precision}): {summary['untouched_changed']} untouched tensors changed, "
                  f"max |τ − B·A·scale| {summary['lora_max_abs_diff']:.2e}; {summary['csv']}")
         return summary
+    if cfg.analysis == "interpolate":
+        from feta.interpolation import interpolate
+
+        if not cfg.other:
+            raise ValueError("analysis=interpolate needs other=<a second prefix run> (ckpt is the first)")
+        table = interpolate(ckpt, Path(cfg.other), list(cfg.weights), ckpt / "analysis", cfg.val_limit)
+        logger = make_logger(cfg, ckpt / "analysis", job_type="analysis", name=f"interpolate-{ckpt.name}",
+                             group=_group(ckpt))
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            logger.log_table("interpolation", dataframe=table)
+        log.info(f"interpolation {ckpt} -> {cfg.other}:\n{table.to_string(index=False)}")
+        return {"interpolation": table.to_dict("records")}
     if cfg.analysis is not None:
-        raise ValueError(f"analysis must be null, equivalence or task_vector, got {cfg.analysis!r}")
+        raise ValueError(f"analysis must be null, equivalence, task_vector or interpolate, got {cfg.analysis!r}")
     targets = find_runs(ckpt)
     settings = OmegaConf.to_container(cfg, resolve=True)
     results, failed = {}, []

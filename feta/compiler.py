@@ -28,11 +28,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-# Per architecture: the attention output projection of layer i, and where the layer's blocks live.
+from feta.module import input_positions
+
+# Per architecture: the attention output projection of layer i (what the LoRA goes on), and the
+# attention module of layer i (whose output the source adapter changes: with PEFT's gated prefix
+# the adapter's term is added outside o_proj, by a wrapper that takes the attention module's place).
 TARGETS = {
     "llama": {"o": r"layers\.(\d+)\.self_attn\.o_proj"},
     "gpt2": {"o": r"h\.(\d+)\.attn\.c_proj"},
 }
+ATTENTION = {"llama": r"layers\.(\d+)\.self_attn", "gpt2": r"h\.(\d+)\.attn"}
+# Token adaptations compile (feta.adapters.TOKEN_KINDS); weight-space ones merge directly.
+COMPILABLE = ("prefix", "prompt", "gated_prefix")
 
 
 @dataclass
@@ -146,14 +153,18 @@ def target_modules(model: torch.nn.Module, arch: str, target: str) -> dict[int, 
     """{layer index: module name} of the compile target in every layer."""
     if target not in TARGETS[arch]:
         raise ValueError(f"target={target} is not supported for {arch}; supported: {', '.join(TARGETS[arch])}")
-    pattern = re.compile(r"(?:^|\.)" + TARGETS[arch][target] + r"$")
+    return _numbered_modules(model, TARGETS[arch][target], arch)
+
+
+def _numbered_modules(model: torch.nn.Module, regex: str, arch: str) -> dict[int, str]:
+    pattern = re.compile(r"(?:^|\.)" + regex + r"$")
     found = {}
     for name, _ in model.named_modules():
         match = pattern.search(name)
         if match:
             found[int(match.group(1))] = name
     if not found:
-        raise ValueError(f"no module matches {TARGETS[arch][target]} in this {arch} model")
+        raise ValueError(f"no module matches {regex} in this {arch} model")
     return dict(sorted(found.items()))
 
 
@@ -167,19 +178,14 @@ def _layer_input(args: tuple, kwargs: dict) -> Tensor:
 
 
 @contextlib.contextmanager
-def _layer_hooks(base: torch.nn.Module, names: dict[int, str], at_module, before: bool):
-    """For one forward: record each layer's input in h_in[i] and call at_module(module, x, i, h_in)
-    at its target module, with x its input args (before=True, the forward then runs through any
-    weights the call wrote) or its output (before=False)."""
+def _layer_hooks(base: torch.nn.Module, names: dict[int, str], at_module):
+    """For one forward: record each layer's input in h_in[i] and call at_module(module, args, i, h_in)
+    just before its target module runs; the forward then runs through any weights the call wrote."""
     h_in, hooks = {}, []
     for i, name in names.items():
         hooks.append(_parent_layer(base, name).register_forward_pre_hook(
             lambda m, a, k, i=i: h_in.__setitem__(i, _layer_input(a, k)), with_kwargs=True))
-        module = base.get_submodule(name)
-        if before:
-            hooks.append(module.register_forward_pre_hook(lambda m, a, i=i: at_module(m, a, i, h_in)))
-        else:
-            hooks.append(module.register_forward_hook(lambda m, a, out, i=i: at_module(m, out, i, h_in)))
+        hooks.append(base.get_submodule(name).register_forward_pre_hook(lambda m, a, i=i: at_module(m, a, i, h_in)))
     try:
         yield h_in
     finally:
@@ -188,14 +194,24 @@ def _layer_hooks(base: torch.nn.Module, names: dict[int, str], at_module, before
 
 
 @torch.no_grad()
-def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, target: str) -> dict[int, tuple[Tensor, Tensor]]:
-    """Per layer, the prefix model's layer input h_in and attention output o (the target module's
-    output), each (B, T, d): h_mid = h_in + o is the stream right after attention."""
+def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str) -> dict[int, tuple[Tensor, Tensor]]:
+    """Per layer, the adapted model's layer input h_in and attention output o, each (B, T, d) at the
+    input's own positions (a soft prompt's virtual positions are cut off): h_in + o is the stream
+    right after attention. Works for any token adaptation: prefix (extra KV), soft prompt (extra
+    input positions), gated prefix (an extra gated attention term)."""
     base = prefix_model.get_base_model()
-    streams = {}
-    with _layer_hooks(base, target_modules(base, arch, target),
-                      lambda m, out, i, h_in: streams.__setitem__(i, (h_in[i], out)), before=False):
+    streams, h_in, hooks = {}, {}, []
+    cut = lambda x: input_positions(x, batch["input_ids"])  # noqa: E731
+    for i, name in _numbered_modules(base, ATTENTION[arch], arch).items():
+        hooks.append(base.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(
+            lambda m, a, k, i=i: h_in.__setitem__(i, cut(_layer_input(a, k))), with_kwargs=True))
+        hooks.append(base.get_submodule(name).register_forward_hook(
+            lambda m, a, out, i=i: streams.__setitem__(i, (h_in[i], cut(out[0] if isinstance(out, tuple) else out)))))
+    try:
         prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
     return streams
 
 
@@ -258,7 +274,7 @@ def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[
         resid = target.double() - (x[select].double() @ A.T @ B.T + (b if b is not None else 0))
         stats[i] = {"fit_residual": float((resid.norm() / target.double().norm().clamp_min(1e-30)))}
 
-    with _layer_hooks(base, names, lambda m, args, i, h_in: fit_here(m, args, i, h_in), before=True):
+    with _layer_hooks(base, names, fit_here):
         lora_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return stats
 
@@ -283,8 +299,8 @@ def layer_residuals(base_model, prefix_model, compiled_model, batch: dict[str, T
     """Per-layer relative residuals (DESIGN.md) at the classified position, over content tokens
     (no sinks), and over all tokens, on a held-out batch; plus the three models' predictions."""
     kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
-    h = {k: torch.stack(m(**kw).hidden_states)[1:] for k, m in  # (L, B, T, d); layer 0 = embeddings
-         (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}
+    h = {k: torch.stack([input_positions(x, batch["input_ids"]) for x in m(**kw).hidden_states[1:]])
+         for k, m in (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}  # (L, B, T, d)
     mask, last = batch["attention_mask"].bool(), last_token(batch)
     # As in the fit: sinks are where the base model parks attention (see find_sinks).
     sinks = torch.stack([detect_sinks(x, mask, sink_ratio) for x in h["base"]]).any(0) & ~last
@@ -305,17 +321,10 @@ def check_source(run_dir, spec: CompileSpec, model_override: str | None = None):
 
     cfg = runs.load_run_config(run_dir)
     kind = cfg.adapter.kind
-    if kind in ("lora", "ia3"):  # feta.adapters.WEIGHT_KINDS
+    if kind not in COMPILABLE:
         raise ValueError(
-            f"ckpt={run_dir} is a {kind} run; compile turns a prefix run into LoRA "
+            f"ckpt={run_dir} is a {kind} run; compile turns a token adaptation ({', '.join(COMPILABLE)}) into LoRA "
             f"(a {kind} adapter is already weight-space: it merges directly with PEFT's merge_and_unload)"
-        )
-    if kind != "prefix":
-        # Token adaptations too, so the fit applies in principle; the stream capture here assumes the
-        # prefix's layout (same sequence length, PEFT past_key_values), which prompt/gated_prefix lack.
-        raise ValueError(
-            f"ckpt={run_dir} is a {kind} run; compile supports prefix runs only so far "
-            f"({kind} is a token adaptation, but its {kind} → LoRA fit is not implemented)"
         )
     if model_override and model_override != cfg.model.name:
         raise ValueError(f"base_model={model_override} but the prefix in ckpt={run_dir} was trained on {cfg.model.name}")
@@ -355,6 +364,7 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
     import os
     import shutil
     import time
+    import warnings
     from pathlib import Path
 
     from feta import runs
@@ -374,8 +384,14 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
     dm = SST2DataModule(data_spec, tokenizer, seed=cfg.seed)
     calib, held_out = calibration_batches(dm, spec, cfg.seed)
 
+    if cfg.adapter.kind == "prompt" and hasattr(base.config, "n_positions"):
+        warnings.warn(
+            f"{model_spec.name} has absolute position embeddings: the soft prompt also moves every input token "
+            f"{cfg.adapter.m} positions along them, which no LoRA reproduces; expect held-out residuals near 1 "
+            "(on rotary models such as Llama the shift is invisible)"
+        )
     prefix_model = load_adapter(copy.deepcopy(base), path).eval()
-    streams = prefix_stream(prefix_model, calib, model_spec.arch, spec.target)
+    streams = prefix_stream(prefix_model, calib, model_spec.arch)
     weights, positions = fit_weights(calib, find_sinks(base, calib, spec.sink_ratio), spec)
     lora_cfg = compiled_lora_config(spec.rank, list(names.values()), spec.bias, model_spec.arch)
     compiled = get_peft_model(copy.deepcopy(base), lora_cfg).eval()

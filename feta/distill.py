@@ -10,7 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from feta.module import label_logits
+from feta.module import input_positions
 
 
 class DistillModule(L.LightningModule):
@@ -23,7 +23,7 @@ class DistillModule(L.LightningModule):
     def _outputs(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                     logits_to_keep=1)
-        h = out.hidden_states[-1]  # (B, T, d), after the final norm
+        h = input_positions(out.hidden_states[-1], batch["input_ids"])  # (B, T, d), after the final norm
         last = batch["attention_mask"].sum(1) - 1
         w = model.get_output_embeddings().weight[self.label_ids]  # (n_labels, d)
         return h, h[torch.arange(h.shape[0]), last] @ w.T

@@ -16,8 +16,7 @@ from feta.data import SST2DataModule
 from feta.models import load_base_model
 from feta.module import LabelWordClassifier
 
-EVAL = "eval.json"
-COMPILE = "compile.json"
+EVAL, COMPILE = runs.EVAL, runs.COMPILE
 
 
 @dataclass
@@ -32,23 +31,15 @@ class Target:
     source_dir: Path | None = None  # compiled: the prefix run it came from
 
 
-def is_run(path: Path) -> bool:
-    return (path / runs.CONFIG).is_file() or (path / COMPILE).is_file()
-
-
 def find_runs(path: Path) -> list[Path]:
-    """`path` itself if it is a run or compiled dir, else every run and compiled dir below it."""
+    """`path` itself if it is a run or compiled dir (with its compiled dirs), else every one below it."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"ckpt={path}: no such directory")
-    if is_run(path):
-        return [path] + sorted(p for p in path.glob("compiled-*") if (p / COMPILE).is_file())
-    skip = {".hydra", "wandb", "adapter", "checkpoints", "report", "merged", "csv"}
-    found = [p.parent for p in sorted(path.rglob(runs.CONFIG)) + sorted(path.rglob(COMPILE))
-             if not skip & set(p.relative_to(path).parts[:-1])]
+    found = runs.run_dirs(path)
     if not found:
         raise FileNotFoundError(f"no runs under ckpt={path}: run `python train.py -m ...` first, then evaluate.py ckpt=<its sweep dir>")
-    return sorted(set(found))
+    return found
 
 
 def resolve(run_dir: Path) -> Target:
@@ -59,7 +50,9 @@ def resolve(run_dir: Path) -> Target:
         source = Path(record["source_run"])
         cfg = runs.load_run_config(source)
         runs.adapter_dir(run_dir)
-        name = f"compiled-m{cfg.adapter.m}-r{record['rank']}" + ("" if record["method"] == "lstsq" else f"-{record['method']}")
+        source_kind = "" if cfg.adapter.kind == "prefix" else f"{cfg.adapter.kind}-"
+        name = (f"compiled-{source_kind}m{cfg.adapter.m}-r{record['rank']}"
+                + ("" if record["method"] == "lstsq" else f"-{record['method']}"))
         return Target(run_dir, "compiled", name, cfg, record, source)
     cfg = runs.load_run_config(run_dir)
     if not runs.is_finished(run_dir):

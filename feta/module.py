@@ -13,6 +13,12 @@ import torch
 import torch.nn.functional as F
 
 
+def input_positions(h: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The input's own positions of a (B, n_virtual + T, ...) activation: a soft prompt (PEFT prompt
+    tuning) prepends n_virtual positions to the sequence; a prefix (a KV cache) does not."""
+    return h[:, h.size(1) - input_ids.size(1):]
+
+
 def label_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_ids: list[int],
                  **forward_kwargs: Any) -> torch.Tensor:
     """(B, n_labels) LM-head logits of the label words at each row's last real token (right padding).
@@ -21,10 +27,8 @@ def label_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
     # logits_to_keep=1 skips the full-vocabulary head; we apply only the label words' rows below.
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
                 **forward_kwargs)
-    h = out.hidden_states[-1]  # (B, n_virtual + T, d), after the final norm
-    # A soft prompt (PEFT prompt tuning) prepends n_virtual positions to the sequence; a prefix does not.
-    n_virtual = h.size(1) - input_ids.size(1)
-    last = attention_mask.sum(dim=1) - 1 + n_virtual  # (B,)
+    h = input_positions(out.hidden_states[-1], input_ids)  # (B, T, d), after the final norm
+    last = attention_mask.sum(dim=1) - 1  # (B,)
     h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, d)
     w = model.get_output_embeddings().weight[label_ids]  # (n_labels, d)
     return h_last @ w.T

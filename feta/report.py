@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from feta.runs import CONFIG, is_finished  # noqa: E402
+from feta.runs import COMPILE, CONFIG, EVAL, is_finished, run_dirs  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # contract and reference figures
-EVAL = "eval.json"
-COMPILE = "compile.json"
 REQUIRED_KEYS = ("kind", "name", "model", "val_acc")
-# Subtrees that hold other tools' files, some named config.yaml (Hydra's .hydra/, W&B's files/).
-SKIP_DIRS = {"wandb", "adapter", "checkpoints", "report", "__pycache__"}
 # Deployed form first: a merged LoRA is what one ships; a prefix has only its adapter form.
 DEPLOYED = ("merged", "adapter")
 KIND_ORDER = ("base", "prefix", "prompt", "lora", "ia3", "compiled")
@@ -55,16 +50,6 @@ COLUMNS = [
     "latency_form", "device", "dtype", "threads", "val_size", "run",
 ]
 # -----------------------------------------------------------------------------
-
-
-def _run_dirs(sweep_dir: Path) -> list[Path]:
-    """Every directory that is (or should be) an evaluated run: it holds config.yaml, compile.json or eval.json."""
-    found = []
-    for root, dirs, files in os.walk(sweep_dir):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
-        if CONFIG in files or COMPILE in files or EVAL in files:
-            found.append(Path(root))
-    return found
 
 
 def _check_eval(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
@@ -149,7 +134,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: no such directory; pass a sweep directory written by train.py -m")
     rows, residuals, skipped = [], {}, []
-    for run_dir in _run_dirs(sweep_dir):
+    for run_dir in run_dirs(sweep_dir, (CONFIG, COMPILE, EVAL)):
         rel = run_dir.relative_to(sweep_dir).as_posix()
         rel = sweep_dir.name if rel == "." else rel
         ev, reason = _check_eval(run_dir)

@@ -23,8 +23,23 @@ CONFIG = "config.yaml"
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.json"
+COMPILE = "compile.json"  # a compiled directory's record (compile.py)
+EVAL = "eval.json"  # evaluate.py's result, in any run or compiled directory
+# Subtrees that hold other tools' files, some named config.yaml/.json (Hydra's .hydra/, W&B's files/).
+NOT_RUNS = {"wandb", "adapter", "checkpoints", "report", "merged", "csv", "analysis", "__pycache__"}
 # metrics.json must carry these keys to count as a finished run.
 FINISHED_KEYS = ("val_acc", "global_step", "trainable_params")
+
+
+def run_dirs(root: str | Path, markers: tuple[str, ...] = (CONFIG, COMPILE)) -> list[Path]:
+    """Every directory under `root` (itself included) that holds one of `markers`, in sorted order;
+    other tools' subtrees and dot directories (.hydra, .hydra-compile) are not entered."""
+    found = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in NOT_RUNS and not d.startswith("."))
+        if any(m in files for m in markers):
+            found.append(Path(here))
+    return found
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -84,7 +84,7 @@ def test_zero_effect_source_compiles_to_a_zero_lora():
     source = get_peft_model(base, LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))  # B = 0: no effect
     tok.pad_token = tok.eos_token
     batch = dict(tok(["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"], return_tensors="pt", padding=True))
-    streams = prefix_stream(source, batch, "gpt2", "o")
+    streams = prefix_stream(source, batch, "gpt2")
     fresh, _ = load_base_model(to_spec(cfg, "model"))
     compiled = get_peft_model(fresh, LoraConfig(r=2, lora_alpha=2, target_modules=r".*attn\.c_proj", fan_in_fan_out=True))
     fit_lstsq(compiled, streams, batch, batch["attention_mask"].double(), "gpt2", CompileSpec(rank=2))
@@ -185,7 +185,7 @@ def test_bad_settings_write_nothing(prefix_run, tmp_path, overrides, exc, match)
 def test_lora_run_missing_and_corrupt_checkpoints(tmp_path):
     lora = tiny_train_cfg(tmp_path / "l", "adapter=lora")
     train(lora)
-    with pytest.raises(ValueError, match=r"is a lora run; compile turns a prefix run into LoRA"):
+    with pytest.raises(ValueError, match=r"is a lora run; compile turns a token adaptation \(prefix, prompt, gated_prefix\) into LoRA"):
         compile_prefix(compile_cfg(lora.output_dir))
     with pytest.raises(FileNotFoundError, match=r"no such directory"):
         compile_prefix(compile_cfg(tmp_path / "nope"))
