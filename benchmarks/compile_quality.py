@@ -42,6 +42,7 @@ EXPLORE = {
     "last_w10": ["rank=4", "last_weight=10"],
     "last_w100": ["rank=4", "last_weight=100"],
     "r16_bias_last_w10": ["rank=16", "bias=true", "last_weight=10"],
+    "r64_bias_last_w10": ["rank=64", "bias=true", "last_weight=10"],
     "calib512": ["rank=4", "calib_size=512"],
     "last_only": ["rank=4", "fit_positions=last"],
     "stream": ["rank=4", "match=stream"],

@@ -10,8 +10,11 @@ projection W (input x, per token) is fitted to the prefix-induced change of that
 `match=stream` targets the whole residual stream after attention instead (h_mid_prefix − h_in_compiled
 − W x), so a layer also tries to undo earlier layers' error; on SmolLM2 it was much worse.
 "Sequential": x comes from the compiled model itself, layers < l already compiled. All layers are
-fitted in ONE forward pass of the calibration batch: a pre-hook on each target module fits its LoRA
-from the activations that arrive, writes it, and lets the forward continue through it.
+fitted in ONE forward pass of the calibration set: a pre-hook on each target module fits its LoRA
+from the activations that arrive, writes it, and lets the forward continue through it. The set runs
+as length-sorted micro-batches (SST-2 sentences average ~17 tokens; one padded batch would compute
+~4x as many positions), one thread each, that meet at every target module (a barrier): the fit sees
+all of their tokens at once, then every thread continues through the new weights.
 
 Attention-sink tokens (massive hidden-state norm in the base model, usually the first real token) are
 left out of the regression sums by default: a prefix takes their role over, so their change is orders
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +42,8 @@ TARGETS = {
     "gpt2": {"o": r"h\.(\d+)\.attn\.c_proj"},
 }
 ATTENTION = {"llama": r"layers\.(\d+)\.self_attn", "gpt2": r"h\.(\d+)\.attn"}
+# Calibration sentences per micro-batch (see the module docstring).
+MICRO_BATCH = 32
 # Token adaptations compile (feta.adapters.TOKEN_KINDS); weight-space ones merge directly.
 COMPILABLE = ("prefix", "prompt", "gated_prefix")
 
@@ -124,25 +130,15 @@ def reduced_rank_fit(
     lam = ridge * gram.diagonal().mean()
     coef = torch.linalg.solve(gram + lam * torch.eye(d_in, dtype=X.dtype), Xw.T @ Tw)  # (d_in, d_out)
     if rank > 0:
-        fitted = Xw @ coef  # (n, d_out)
-        _, _, Vh = torch.linalg.svd(fitted, full_matrices=False)  # top right singular vectors
-        V = Vh[:rank].T  # (d_out, rank)
+        # Top right singular vectors of the fitted values Xw·coef, from their (d_out, d_out) Gram
+        # matrix instead of an SVD of the (n, d_out) matrix itself.
+        _, vecs = torch.linalg.eigh(coef.T @ gram @ coef)  # ascending eigenvalues
+        V = vecs[:, -rank:].flip(1)  # (d_out, rank)
         A, B = (coef @ V).T, V  # (rank, d_in), (d_out, rank)
     else:
         A, B = torch.zeros(0, d_in, dtype=X.dtype), torch.zeros(d_out, 0, dtype=X.dtype)
     b = (mt - (B @ (A @ mx))) if bias else None
     return A, B, b
-
-
-def relative_residual(h_compiled: Tensor, h_prefix: Tensor, h_base: Tensor, select: Tensor) -> float:
-    """‖h_compiled − h_prefix‖ / ‖h_prefix − h_base‖ over the selected tokens (Frobenius).
-
-    0 = the compiled model reproduces the prefix, 1 = no better than the base model.
-    h_*: (B, T, d), select: (B, T) bool.
-    """
-    num = (h_compiled - h_prefix)[select].double().norm()
-    den = (h_prefix - h_base)[select].double().norm()
-    return float(num / den.clamp_min(1e-30))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,15 +175,22 @@ def _layer_input(args: tuple, kwargs: dict) -> Tensor:
 
 @contextlib.contextmanager
 def _layer_hooks(base: torch.nn.Module, names: dict[int, str], at_module):
-    """For one forward: record each layer's input in h_in[i] and call at_module(module, args, i, h_in)
-    just before its target module runs; the forward then runs through any weights the call wrote."""
-    h_in, hooks = {}, []
+    """For forwards (in any threads): record each layer's input in h_in[i] and call
+    at_module(module, args, i, h_in) just before its target module runs; the forward then runs
+    through any weights the call wrote."""
+    local, hooks = threading.local(), []  # h_in per thread: micro-batches may run concurrently
+
+    def h_in() -> dict:
+        if not hasattr(local, "h_in"):
+            local.h_in = {}
+        return local.h_in
+
     for i, name in names.items():
         hooks.append(_parent_layer(base, name).register_forward_pre_hook(
-            lambda m, a, k, i=i: h_in.__setitem__(i, _layer_input(a, k)), with_kwargs=True))
-        hooks.append(base.get_submodule(name).register_forward_pre_hook(lambda m, a, i=i: at_module(m, a, i, h_in)))
+            lambda m, a, k, i=i: h_in().__setitem__(i, _layer_input(a, k)), with_kwargs=True))
+        hooks.append(base.get_submodule(name).register_forward_pre_hook(lambda m, a, i=i: at_module(m, a, i, h_in())))
     try:
-        yield h_in
+        yield
     finally:
         for h in hooks:
             h.remove()
@@ -223,6 +226,17 @@ def last_token(batch: dict[str, Tensor]) -> Tensor:
     return is_last
 
 
+def micro_batches(batch: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
+    """The rows of a right-padded batch sorted by length, in chunks of `size`, each cut to its own
+    longest row, so little compute goes to padding."""
+    mask = batch["attention_mask"]
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        raise ValueError("micro_batches needs right padding (tokenizer.padding_side = 'right')")
+    lengths = mask.sum(1)
+    chunks = torch.argsort(lengths, stable=True).split(size)
+    return [{k: batch[k][rows, : int(lengths[rows].max())] for k in ("input_ids", "attention_mask")} for rows in chunks]
+
+
 @torch.no_grad()
 def find_sinks(base_model, batch: dict[str, Tensor], ratio: float) -> Tensor:
     """(B, T) bool: tokens that are massive activations at any layer of the BASE model, where it parks
@@ -234,48 +248,78 @@ def find_sinks(base_model, batch: dict[str, Tensor], ratio: float) -> Tensor:
     return sinks & ~last_token(batch)
 
 
-def fit_weights(batch: dict[str, Tensor], sinks: Tensor, spec: CompileSpec) -> tuple[Tensor, dict]:
-    """Per-token regression weights (B, T) from `fit_positions`, and a record of what was left out."""
-    mask = batch["attention_mask"].bool()
-    is_last = last_token(batch)
-    keep = {"last": is_last, "all": mask, "content": mask & ~sinks}[spec.fit_positions]
-    positions = sinks.nonzero()[:, 1]
+def fit_weights(batches: list[dict[str, Tensor]], sinks: list[Tensor], spec: CompileSpec) -> tuple[list[Tensor], dict]:
+    """Per-token regression weights (B, T) per micro-batch from `fit_positions`, and a record of what
+    was left out."""
+    weights, counts, total, fitted = [], {}, 0, 0
+    for batch, sink in zip(batches, sinks):
+        mask, is_last = batch["attention_mask"].bool(), last_token(batch)
+        keep = {"last": is_last, "all": mask, "content": mask & ~sink}[spec.fit_positions]
+        weights.append(keep.double() * torch.where(is_last, spec.last_weight, 1.0).double())
+        total, fitted = total + int(mask.sum()), fitted + int(keep.sum())
+        for p in sink.nonzero()[:, 1].tolist():
+            counts[p] = counts.get(p, 0) + 1
     record = {
         "fit_positions": spec.fit_positions,
-        "tokens_total": int(mask.sum()),
-        "tokens_fitted": int(keep.sum()),
-        "sinks_detected": int(sinks.sum()),
-        "sink_positions": {int(p): int((positions == p).sum()) for p in positions.unique()},
+        "tokens_total": total,
+        "tokens_fitted": fitted,
+        "sinks_detected": sum(counts.values()),
+        "sink_positions": dict(sorted(counts.items())),
         "sink_rule": f"base-model hidden-state norm > {spec.sink_ratio} x median at any layer",
     }
-    return keep.double() * torch.where(is_last, spec.last_weight, 1.0).double(), record
+    return weights, record
 
 
-@torch.no_grad()
-def fit_lstsq(lora_model, prefix: dict[int, tuple[Tensor, Tensor]], batch: dict[str, Tensor], weights: Tensor,
-              arch: str, spec: CompileSpec) -> dict[int, dict]:
-    """Fit every layer's LoRA in one forward pass of the compiled model (see module docstring)."""
+def fit_lstsq(lora_model, prefix: list[dict[int, tuple[Tensor, Tensor]]], batches: list[dict[str, Tensor]],
+              weights: list[Tensor], arch: str, spec: CompileSpec) -> dict[int, dict]:
+    """Fit every layer's LoRA in one forward pass of the compiled model over all micro-batches
+    (`prefix[j]`, `weights[j]` belong to `batches[j]`; see the module docstring)."""
     base = lora_model.get_base_model()
     names = target_modules(base, arch, spec.target)
-    select = weights > 0  # (B, T)
-    stats = {}
+    arrived = {i: [None] * len(batches) for i in names}  # per layer, per micro-batch: (x, target, w)
+    local, stats, errors = threading.local(), {}, []
 
-    def fit_here(module, args, i, h_in):
-        x = args[0]  # (B, T, d_in)
-        h_in_c = h_in[i]
-        h_in_p, o_p = prefix[i]
+    def fit_layer(i: int) -> None:  # the barrier's action: one thread runs it, all others wait
+        x, target, w = (torch.cat(parts) for parts in zip(*arrived[i]))
+        arrived[i] = None
+        A, B, b = reduced_rank_fit(x, target, spec.rank, spec.ridge, spec.bias, w)
+        _write_lora(base.get_submodule(names[i]), A, B, b)
+        resid = target.double() - (x.double() @ A.T @ B.T + (b if b is not None else 0))
+        stats[i] = {"fit_residual": float(resid.norm() / target.double().norm().clamp_min(1e-30))}
+
+    barriers = {i: threading.Barrier(len(batches), action=lambda i=i: fit_layer(i)) for i in names}
+
+    def arrive(module, args, i, h_in):
+        j, x = local.j, args[0]  # x: (B, T, d_in), this thread's micro-batch
+        h_in_p, o_p = prefix[j][i]
         if spec.match == "stream":  # what attention must add so the stream equals the prefix model's
-            target = h_in_p + o_p - h_in_c - module.base_layer(x)  # (B, T, d_out)
+            target = h_in_p + o_p - h_in[i] - module.base_layer(x)  # (B, T, d_out)
         else:  # "module": the prefix-induced change of the attention output alone
             target = o_p - module.base_layer(x)
-        target = target[select]  # (n, d_out)
-        A, B, b = reduced_rank_fit(x[select], target, spec.rank, spec.ridge, spec.bias, weights[select])
-        _write_lora(module, A, B, b)
-        resid = target.double() - (x[select].double() @ A.T @ B.T + (b if b is not None else 0))
-        stats[i] = {"fit_residual": float((resid.norm() / target.double().norm().clamp_min(1e-30)))}
+        select = weights[j] > 0
+        arrived[i][j] = (x[select], target[select], weights[j][select])
+        barriers[i].wait()
 
-    with _layer_hooks(base, names, fit_here):
-        lora_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    def run(j: int) -> None:
+        local.j = j
+        try:
+            with torch.no_grad():
+                lora_model(input_ids=batches[j]["input_ids"], attention_mask=batches[j]["attention_mask"])
+        except threading.BrokenBarrierError:
+            pass  # another micro-batch failed first; its error is the one reported
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after every thread stopped
+            errors.append(e)
+            for barrier in barriers.values():
+                barrier.abort()
+
+    with _layer_hooks(base, names, arrive):
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(len(batches))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
     return stats
 
 
@@ -295,20 +339,26 @@ def _write_lora(module, A: Tensor, B: Tensor, b: Tensor | None) -> None:
 
 
 @torch.no_grad()
-def layer_residuals(base_model, prefix_model, compiled_model, batch: dict[str, Tensor], sink_ratio: float) -> dict:
+def layer_residuals(base_model, prefix_model, compiled_model, batches: list[dict[str, Tensor]], sink_ratio: float) -> dict:
     """Per-layer relative residuals (DESIGN.md) at the classified position, over content tokens
-    (no sinks), and over all tokens, on a held-out batch; plus the three models' predictions."""
-    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
-    h = {k: torch.stack([input_positions(x, batch["input_ids"]) for x in m(**kw).hidden_states[1:]])
-         for k, m in (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}  # (L, B, T, d)
-    mask, last = batch["attention_mask"].bool(), last_token(batch)
-    # As in the fit: sinks are where the base model parks attention (see find_sinks).
-    sinks = torch.stack([detect_sinks(x, mask, sink_ratio) for x in h["base"]]).any(0) & ~last
-    selections = {"last": last, "content": mask & ~sinks, "all": mask}
-    return {
-        key: [relative_residual(h["compiled"][l], h["prefix"][l], h["base"][l], sel) for l in range(h["base"].shape[0])]
-        for key, sel in selections.items()
-    }
+    (no sinks), and over all tokens, pooled over held-out micro-batches."""
+    sums = {}  # (selection, layer) -> [‖h_compiled − h_prefix‖², ‖h_prefix − h_base‖²]
+    for batch in batches:
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
+        h = {k: torch.stack([input_positions(x, batch["input_ids"]) for x in m(**kw).hidden_states[1:]])
+             for k, m in (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}  # (L, B, T, d)
+        mask, last = batch["attention_mask"].bool(), last_token(batch)
+        # As in the fit: sinks are where the base model parks attention (see find_sinks).
+        sinks = torch.stack([detect_sinks(x, mask, sink_ratio) for x in h["base"]]).any(0) & ~last
+        for key, sel in (("last", last), ("content", mask & ~sinks), ("all", mask)):
+            for layer in range(h["base"].shape[0]):
+                num = (h["compiled"][layer] - h["prefix"][layer])[sel].double().pow(2).sum()
+                den = (h["prefix"][layer] - h["base"][layer])[sel].double().pow(2).sum()
+                acc = sums.setdefault((key, layer), [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + float(num), acc[1] + float(den)
+    n_layers = 1 + max(layer for _, layer in sums)
+    return {key: [(sums[key, l][0] / max(sums[key, l][1], 1e-60)) ** 0.5 for l in range(n_layers)]
+            for key in ("last", "content", "all")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +441,9 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
             "(on rotary models such as Llama the shift is invisible)"
         )
     prefix_model = load_adapter(copy.deepcopy(base), path).eval()
-    streams = prefix_stream(prefix_model, calib, model_spec.arch)
-    weights, positions = fit_weights(calib, find_sinks(base, calib, spec.sink_ratio), spec)
+    calib, held_out = micro_batches(calib, MICRO_BATCH), micro_batches(held_out, MICRO_BATCH)
+    streams = [prefix_stream(prefix_model, b, model_spec.arch) for b in calib]
+    weights, positions = fit_weights(calib, [find_sinks(base, b, spec.sink_ratio) for b in calib], spec)
     lora_cfg = compiled_lora_config(spec.rank, list(names.values()), spec.bias, model_spec.arch)
     compiled = get_peft_model(copy.deepcopy(base), lora_cfg).eval()
     stats = {}

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import open_dict
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from compile import compile_prefix
 from feta import runs
-from feta.compiler import CompileSpec, detect_sinks, fit_lstsq, prefix_stream, reduced_rank_fit
+from feta.adapters import compiled_lora_config
+from feta.compiler import CompileSpec, detect_sinks, fit_lstsq, micro_batches, prefix_stream, reduced_rank_fit
 from feta.models import load_base_model
 from tests.conftest import compose_cfg, tiny_train_cfg
 from train import train
@@ -87,13 +89,60 @@ def test_zero_effect_source_compiles_to_a_zero_lora():
     streams = prefix_stream(source, batch, "gpt2")
     fresh, _ = load_base_model(to_spec(cfg, "model"))
     compiled = get_peft_model(fresh, LoraConfig(r=2, lora_alpha=2, target_modules=r".*attn\.c_proj", fan_in_fan_out=True))
-    fit_lstsq(compiled, streams, batch, batch["attention_mask"].double(), "gpt2", CompileSpec(rank=2))
+    fit_lstsq(compiled, [streams], [batch], [batch["attention_mask"].double()], "gpt2", CompileSpec(rank=2))
     # Zero up to float32 roundoff of the captured streams (~1e-7 relative); a misaligned capture
     # (wrong layer, shifted positions) gives a delta of the order of the weights themselves.
     for layer in compiled.get_base_model().transformer.h:
         proj = layer.attn.c_proj
         delta = proj.lora_B["default"].weight @ proj.lora_A["default"].weight
         assert delta.norm() < 1e-6 * proj.base_layer.weight.norm(), float(delta.norm())
+
+
+def _tiny_prefix_source():
+    from feta.schema import to_spec
+
+    base, tok = load_base_model(to_spec(compose_cfg("train", ["model=gpt2_tiny"]), "model"))
+    torch.manual_seed(0)
+    source = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    tok.pad_token, tok.padding_side = tok.eos_token, "right"
+    texts = [f"Review: a {'very ' * k}good film\nSentiment:" for k in range(10)]
+    return base, source, dict(tok(texts, padding=True, return_tensors="pt"))
+
+
+def test_micro_batches_fit_exactly_like_one_batch():
+    """The calibration set runs as length-sorted micro-batches in threads that meet at every layer;
+    the fitted LoRA must equal the one fitted from a single padded batch of the same sentences."""
+    base, source, batch = _tiny_prefix_source()
+    parts = micro_batches(batch, 3)
+    assert [p["input_ids"].shape[0] for p in parts] == [3, 3, 3, 1]
+    assert sum(int(p["attention_mask"].sum()) for p in parts) == int(batch["attention_mask"].sum())
+    assert all(bool(p["attention_mask"][:, -1].any()) for p in parts)  # each cut to its longest row
+    assert parts[0]["input_ids"].shape[1] < batch["input_ids"].shape[1]
+
+    def fit(batches):
+        names = [f"transformer.h.{i}.attn.c_proj" for i in range(2)]
+        compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, True, "gpt2")).eval()
+        streams = [prefix_stream(source, b, "gpt2") for b in batches]
+        weights = [b["attention_mask"].double() for b in batches]
+        fit_lstsq(compiled, streams, batches, weights, "gpt2", CompileSpec(rank=2, bias=True))
+        layers = compiled.get_base_model().transformer.h
+        return [(l.attn.c_proj.lora_B["default"].weight @ l.attn.c_proj.lora_A["default"].weight,
+                 l.attn.c_proj.lora_B["default"].bias) for l in layers]
+
+    for (w1, b1), (w2, b2) in zip(fit([batch]), fit(parts)):
+        assert w1.norm() > 1e-3 * base.transformer.h[0].attn.c_proj.weight.norm()  # a real fit, not zeros
+        torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b2, b1, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_micro_batch_raises_instead_of_hanging():
+    base, source, batch = _tiny_prefix_source()
+    parts = micro_batches(batch, 3)
+    streams = [prefix_stream(source, b, "gpt2") for b in parts][::-1]  # misaligned with the batches
+    compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(
+        2, ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"], False, "gpt2"))
+    with pytest.raises(RuntimeError, match=r"size"):
+        fit_lstsq(compiled, streams, parts, [p["attention_mask"].double() for p in parts], "gpt2", CompileSpec(rank=2))
 
 
 # ------------------------------------------------------------------ on trained tiny runs
