@@ -195,20 +195,18 @@ def _check_targets(model: torch.nn.Module, targets: list[str], model_name: str) 
         raise ValueError(f"adapter.targets={missing} not in {model_name}; available: {', '.join(linear)}")
 
 
-def peft_config(spec: AdapterSpec, arch: str, tokenizer_path: str | None = None, tokenizer_kwargs: dict | None = None):
-    """The PEFT config for a spec; PEFT's own __post_init__ checks run here.
-
-    A text-initialized prompt needs the tokenizer's path: PEFT reloads the tokenizer to embed the text."""
+def peft_config(spec: AdapterSpec, arch: str):
+    """The PEFT config for a spec; PEFT's own __post_init__ checks run here."""
     if isinstance(spec, PrefixSpec):
         return PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=spec.m, prefix_projection=spec.projection,
             encoder_hidden_size=spec.projection_hidden, init_weights="zero" if spec.init == "zero" else None,
         )
     if isinstance(spec, PromptSpec):
-        init = {"text": "TEXT", "random": "RANDOM", "vocab": "SAMPLE_VOCAB"}[spec.init]
-        text = {"prompt_tuning_init_text": spec.init_text, "tokenizer_name_or_path": tokenizer_path,
-                "tokenizer_kwargs": tokenizer_kwargs} if spec.init == "text" else {}
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.m, prompt_tuning_init=init, **text)
+        # init=text is written by build_adapter from the tokenizer at hand: PEFT's own TEXT init reloads
+        # the tokenizer by name, which fails for a tokenizer that lives inside a GGUF file.
+        init = {"text": "RANDOM", "random": "RANDOM", "vocab": "SAMPLE_VOCAB"}[spec.init]
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.m, prompt_tuning_init=init)
     if isinstance(spec, IA3Spec):
         targets, feedforward = ia3_modules(spec, arch)
         return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward,
@@ -240,9 +238,9 @@ def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: st
                 f"adapter.m + data.max_length = {spec.m} + {max_length} > {n_pos} positions of {model_name}; "
                 "lower one of them"
             )
-    # The GGUF tokenizer lives inside the model file; PEFT's reload needs its name (unverified on GGUF).
-    kwargs = {"gguf_file": tokenizer.init_kwargs["gguf_file"]} if "gguf_file" in tokenizer.init_kwargs else None
-    peft_model = get_peft_model(model, peft_config(spec, arch, tokenizer.name_or_path, kwargs))
+    peft_model = get_peft_model(model, peft_config(spec, arch))
+    if isinstance(spec, PromptSpec) and spec.init == "text":
+        _init_prompt_from_text(peft_model, tokenizer, spec)
     if isinstance(spec, PrefixSpec) and spec.init == "text":
         from peft import initialize_kv_prefix_from_text
 
@@ -255,6 +253,18 @@ def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: st
         # Plain text, no chat template: the prefix then equals running the model on those m tokens.
         initialize_kv_prefix_from_text(peft_model, tokenizer, text=spec.init_text, use_chat_template=False)
     return peft_model
+
+
+@torch.no_grad()
+def _init_prompt_from_text(peft_model, tokenizer, spec: PromptSpec) -> None:
+    """PEFT's TEXT init, with the tokenizer in hand: the text's token embeddings, repeated to m and cut."""
+    ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("adapter.init_text has no tokens; give a real text or set adapter.init=vocab")
+    ids = (ids * (spec.m // len(ids) + 1))[: spec.m]
+    embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    words = peft_model.get_input_embeddings()(torch.tensor(ids, device=embedding.weight.device))
+    embedding.weight.copy_(words.to(embedding.weight.dtype))
 
 
 def _check_gated_prefix(model: torch.nn.Module, spec: GatedPrefixSpec, model_name: str) -> None:

@@ -189,6 +189,7 @@ def equivalence_analysis(prefix_run: Path, lora_run: Path | None, out_dir: Path,
     batch = dm.collate(dm.splits["validation"][: settings["sentences"]])
     init_ids = None
     if spec.init == "text":
-        init_ids = tokenizer(spec.init_text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, : spec.m]
+        # The whole text: the span grid builds text-init prefixes of every m it visits (up to 32), not just spec.m.
+        init_ids = tokenizer(spec.init_text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     return analyze(base, prefix, lora, batch["input_ids"], batch["attention_mask"], Path(out_dir),
                    layers=settings.get("layers"), heads=settings.get("heads"), init_ids=init_ids)

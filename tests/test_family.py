@@ -128,13 +128,19 @@ def test_label_logits_pick_the_last_real_token_after_a_soft_prompt(init):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_prompt_text_init_uses_the_texts_embeddings():
+@pytest.mark.parametrize("m", [3, 7])  # cut to m; repeated to m
+def test_prompt_text_init_uses_the_texts_embeddings(m):
     base, tok = _tiny()
-    spec = to_spec(compose_cfg("train", ["adapter=prompt", "adapter.m=3", "adapter.init_text=great movie night"]), "adapter")
+    # The tokenizer in hand is used, never reloaded by name: a GGUF model's tokenizer lives inside the
+    # model file, and reloading it failed on SmolLM2.
+    tok.name_or_path = "/nonexistent/tokenizer"
+    spec = to_spec(compose_cfg("train", ["adapter=prompt", f"adapter.m={m}", "adapter.init_text=great movie night"]), "adapter")
     model = build_adapter(copy.deepcopy(base), tok, spec, "gpt2")
-    text_ids = tok("great movie night", add_special_tokens=False)["input_ids"][:3]
+    text_ids = tok("great movie night", add_special_tokens=False)["input_ids"]
+    assert len(text_ids) == 3
+    want = (text_ids * 3)[:m]
     prompt = model.prompt_encoder["default"].embedding.weight  # (m, d)
-    torch.testing.assert_close(prompt, base.get_input_embeddings().weight[text_ids].float())
+    torch.testing.assert_close(prompt, base.get_input_embeddings().weight[want].float())
 
 
 @pytest.mark.parametrize(
