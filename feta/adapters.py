@@ -345,10 +345,6 @@ def merge_and_save(base_model, adapter_path, out_path, dtype: str, check_inputs:
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    # A GGUF model is dequantized at load (fp32 here); its leftover quantizer only blocks saving.
-    if getattr(merged, "hf_quantizer", None) is not None:
-        merged.hf_quantizer = None
-        merged.config.__dict__.pop("quantization_config", None)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     shutil.rmtree(out_path, ignore_errors=True)
     os.replace(tmp, out_path)

@@ -122,6 +122,11 @@ def _load(spec_yaml: str):
         folder = str(fetch_gguf(spec))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype)
+        # The GGUF weights are dequantized to `dtype` at load; the quantizer transformers leaves behind
+        # only blocks .float()/.half() and saving, so the model becomes an ordinary one.
+        model.hf_quantizer, model.is_quantized = None, False
+        model.__dict__.pop("quantization_method", None)
+        model.config.__dict__.pop("quantization_config", None)
     else:
         if spec.source == "local" and not Path(spec.path).is_dir():
             raise FileNotFoundError(f"model.path={spec.path}: no such directory; fix model.path")
