@@ -38,8 +38,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         out_dir = ckpt / "analysis"
         settings = OmegaConf.to_container(cfg.equivalence, resolve=True)
         result = equivalence_analysis(ckpt, Path(cfg.lora) if cfg.lora else None, out_dir, settings)
-        logger = make_logger(cfg, out_dir, job_type="analysis", name=f"equivalence-{ckpt.name}", group=_group(ckpt))
-        if logger is not None and type(logger).__name__ == "WandbLogger":
+        logger = _analysis_wandb(cfg, ckpt, f"equivalence-{ckpt.name}")
+        if logger is not None:
             import wandb
 
             logger.experiment.log({p.stem: wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))})
@@ -48,9 +48,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from feta.task_vector import task_vector_analysis
 
         summary, table = task_vector_analysis(ckpt, cfg.precision, ckpt / "analysis")
-        logger = make_logger(cfg, ckpt / "analysis", job_type="analysis", name=f"task_vector-{cfg.precision}-{ckpt.name}",
-                             group=_group(ckpt))
-        if logger is not None and type(logger).__name__ == "WandbLogger":
+        logger = _analysis_wandb(cfg, ckpt, f"task_vector-{cfg.precision}-{ckpt.name}")
+        if logger is not None:
             logger.log_table(f"task_vector/{cfg.precision}", dataframe=table)
             logger.log_metrics({f"task_vector/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         log.info(f"task vector ({cfg.precision}): {summary['untouched_changed']} untouched tensors changed, "
@@ -62,9 +61,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if not cfg.other:
             raise ValueError("analysis=interpolate needs other=<a second prefix run> (ckpt is the first)")
         table = interpolate(ckpt, Path(cfg.other), list(cfg.weights), ckpt / "analysis", cfg.val_limit)
-        logger = make_logger(cfg, ckpt / "analysis", job_type="analysis", name=f"interpolate-{ckpt.name}",
-                             group=_group(ckpt))
-        if logger is not None and type(logger).__name__ == "WandbLogger":
+        logger = _analysis_wandb(cfg, ckpt, f"interpolate-{ckpt.name}")
+        if logger is not None:
             logger.log_table("interpolation", dataframe=table)
         log.info(f"interpolation {ckpt} -> {cfg.other}:\n{table.to_string(index=False)}")
         return {"interpolation": table.to_dict("records")}
@@ -103,6 +101,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if logger is not None and type(logger).__name__ == "WandbLogger":
             log_to_wandb(report, logger.experiment)
     return out
+
+
+def _analysis_wandb(cfg: DictConfig, ckpt: Path, name: str):
+    """The W&B logger of an analysis of `ckpt` (in its run's group), or None when not logging to W&B."""
+    logger = make_logger(cfg, ckpt / "analysis", job_type="analysis", name=name, group=_group(ckpt))
+    return logger if logger is not None and type(logger).__name__ == "WandbLogger" else None
 
 
 def _group(run_dir: Path) -> str | None:

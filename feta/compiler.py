@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -44,8 +45,6 @@ TARGETS = {
 ATTENTION = {"llama": r"layers\.(\d+)\.self_attn", "gpt2": r"h\.(\d+)\.attn"}
 # Calibration sentences per micro-batch (see the module docstring).
 MICRO_BATCH = 32
-# Token adaptations compile (feta.adapters.TOKEN_KINDS); weight-space ones merge directly.
-COMPILABLE = ("prefix", "prompt", "gated_prefix")
 
 
 @dataclass
@@ -243,27 +242,31 @@ def find_sinks(base_model, batch: dict[str, Tensor], ratio: float) -> Tensor:
     attention (usually the first real token). Not in the prefix model: the prefix takes that role over,
     which is exactly why those tokens change so much. The classified token is never a sink."""
     out = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return sinks_in(out.hidden_states[1:], batch, ratio)
+
+
+def sinks_in(hidden: list[Tensor] | Tensor, batch: dict[str, Tensor], ratio: float) -> Tensor:
+    """(B, T) bool: sinks at any of the base model's layers `hidden` (each (B, T, d)); never the
+    classified token."""
     mask = batch["attention_mask"].bool()
-    sinks = torch.stack([detect_sinks(h, mask, ratio) for h in out.hidden_states[1:]]).any(0)
-    return sinks & ~last_token(batch)
+    return torch.stack([detect_sinks(h, mask, ratio) for h in hidden]).any(0) & ~last_token(batch)
 
 
 def fit_weights(batches: list[dict[str, Tensor]], sinks: list[Tensor], spec: CompileSpec) -> tuple[list[Tensor], dict]:
     """Per-token regression weights (B, T) per micro-batch from `fit_positions`, and a record of what
     was left out."""
-    weights, counts, total, fitted = [], {}, 0, 0
+    weights, counts, total, fitted = [], Counter(), 0, 0
     for batch, sink in zip(batches, sinks):
         mask, is_last = batch["attention_mask"].bool(), last_token(batch)
         keep = {"last": is_last, "all": mask, "content": mask & ~sink}[spec.fit_positions]
         weights.append(keep.double() * torch.where(is_last, spec.last_weight, 1.0).double())
         total, fitted = total + int(mask.sum()), fitted + int(keep.sum())
-        for p in sink.nonzero()[:, 1].tolist():
-            counts[p] = counts.get(p, 0) + 1
+        counts.update(sink.nonzero()[:, 1].tolist())
     record = {
         "fit_positions": spec.fit_positions,
         "tokens_total": total,
         "tokens_fitted": fitted,
-        "sinks_detected": sum(counts.values()),
+        "sinks_detected": counts.total(),
         "sink_positions": dict(sorted(counts.items())),
         "sink_rule": f"base-model hidden-state norm > {spec.sink_ratio} x median at any layer",
     }
@@ -348,8 +351,7 @@ def layer_residuals(base_model, prefix_model, compiled_model, batches: list[dict
         h = {k: torch.stack([input_positions(x, batch["input_ids"]) for x in m(**kw).hidden_states[1:]])
              for k, m in (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}  # (L, B, T, d)
         mask, last = batch["attention_mask"].bool(), last_token(batch)
-        # As in the fit: sinks are where the base model parks attention (see find_sinks).
-        sinks = torch.stack([detect_sinks(x, mask, sink_ratio) for x in h["base"]]).any(0) & ~last
+        sinks = sinks_in(h["base"], batch, sink_ratio)  # as in the fit (see find_sinks)
         for key, sel in (("last", last), ("content", mask & ~sinks), ("all", mask)):
             for layer in range(h["base"].shape[0]):
                 num = (h["compiled"][layer] - h["prefix"][layer])[sel].double().pow(2).sum()
@@ -368,12 +370,13 @@ def layer_residuals(base_model, prefix_model, compiled_model, batches: list[dict
 def check_source(run_dir, spec: CompileSpec, model_override: str | None = None):
     """Validate a prefix run before anything is loaded or written; returns (run cfg, adapter dir)."""
     from feta import runs
+    from feta.adapters import TOKEN_KINDS  # token adaptations compile; weight-space ones merge directly
 
     cfg = runs.load_run_config(run_dir)
     kind = cfg.adapter.kind
-    if kind not in COMPILABLE:
+    if kind not in TOKEN_KINDS:
         raise ValueError(
-            f"ckpt={run_dir} is a {kind} run; compile turns a token adaptation ({', '.join(COMPILABLE)}) into LoRA "
+            f"ckpt={run_dir} is a {kind} run; compile turns a token adaptation ({', '.join(TOKEN_KINDS)}) into LoRA "
             f"(a {kind} adapter is already weight-space: it merges directly with PEFT's merge_and_unload)"
         )
     if model_override and model_override != cfg.model.name:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from feta import runs
-from feta.adapters import load_adapter, merged_copy
+from feta.adapters import WEIGHT_KINDS, load_adapter, merged_copy
 from feta.data import SST2DataModule
 from feta.models import load_base_model
 from feta.module import LabelWordClassifier
@@ -101,7 +101,7 @@ def latency_block(model, kind: str, model_spec, datamodule: SST2DataModule, sett
 
     base, _ = load_base_model(model_spec)
     candidates = {"adapter": model}
-    if kind in ("lora", "ia3", "compiled"):  # weight-space: the merged model is the deployed form
+    if kind in (*WEIGHT_KINDS, "compiled"):  # weight-space: the merged model is the deployed form
         candidates["merged"] = merged_copy(model)
     prompts = datamodule.sentences("validation", max(settings["batches"]))
     enc = datamodule.tokenizer(prompts, padding="max_length", truncation=True, max_length=settings["prompt_len"],
