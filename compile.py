@@ -26,7 +26,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 def out_dir_for(cfg: DictConfig, spec: CompileSpec) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
-    name = f"compiled-r{spec.rank}" + ("" if spec.method == "lstsq" else f"-{spec.method}") + ("-bias" if spec.bias else "")
+    name = (f"compiled-r{spec.rank}" + ("" if spec.method == "lstsq" else f"-{spec.method}")
+            + ("" if spec.target == "o" else f"-{spec.target.replace('+', '_')}") + ("-bias" if spec.bias else ""))
     return Path(cfg.ckpt) / name
 
 

@@ -39,6 +39,8 @@ METHODS = {
 # Attempts at the open goal (no gradient steps, within 0.5 point, >= 97% agreement): run with --methods.
 EXPLORE = {
     "r4_bias": ["rank=4", "bias=true"],
+    "r4_bias_calib1": ["rank=4", "bias=true", "calib_seed=1"],
+    "r4_bias_calib2": ["rank=4", "bias=true", "calib_seed=2"],
     "last_w10": ["rank=4", "last_weight=10"],
     "last_w100": ["rank=4", "last_weight=100"],
     "r16_bias_last_w10": ["rank=16", "bias=true", "last_weight=10"],
@@ -46,6 +48,13 @@ EXPLORE = {
     "calib512": ["rank=4", "calib_size=512"],
     "last_only": ["rank=4", "fit_positions=last"],
     "stream": ["rank=4", "match=stream"],
+    "o_mlp": ["rank=4", "target=o+mlp"],
+    "o_mlp_stream": ["rank=4", "target=o+mlp", "match=stream"],
+    "mlp_stream": ["rank=4", "target=mlp", "match=stream"],
+    "lstsq+distill_layers": ["rank=4", "method=lstsq+distill", "distill_steps=100", "distill_lr=3e-4",
+                             "distill_hidden=layers"],
+    "distill_v": ["rank=4", "method=distill", "target=v", "distill_steps=250", "distill_lr=1e-3"],
+    "distill_qkvo": ["rank=4", "method=distill", "target=q+k+v+o", "distill_steps=250", "distill_lr=1e-3"],
 }
 SETTINGS = {**METHODS, **EXPLORE}
 

@@ -66,7 +66,7 @@ def compiled(spec: ModelSpec, r: int = 4) -> torch.nn.Module:
     """What compile.py produces, merged: a rank-r LoRA on each layer's attention output projection
     (attn.c_proj; a bare "c_proj" target would also hit mlp.c_proj), built with the compiler's own config."""
     base, _ = load_base_model(spec)
-    names = list(target_modules(base, spec.arch, "o").values())
+    names = list(target_modules(base, spec.arch, "o"))
     config = compiled_lora_config(r, names, bias=False, arch=spec.arch)
     return randomize_lora_b(get_peft_model(base, config)).merge_and_unload()
 

@@ -8,7 +8,11 @@ projection W (input x, per token) is fitted to the prefix-induced change of that
     min_{rank(ΔW) <= r}  sum_t w_t ||target_t - ΔW x_t||^2 + ridge ||ΔW||^2
 
 `match=stream` targets the whole residual stream after attention instead (h_mid_prefix − h_in_compiled
-− W x), so a layer also tries to undo earlier layers' error; on SmolLM2 it was much worse.
+− W x), so a layer also tries to undo earlier layers' error; on SmolLM2 it was worse (85.6% vs 86.9%).
+`target=o+mlp` also fits the MLP's output projection, to the MLP's change (or, with match=stream, to
+what the layer's output still lacks); its input is a rich nonlinear feature of the token, yet at r=4 on
+SmolLM2 it lost accuracy (82.5% / 85.7%): a rank-4 map leaves 0.84-0.94 of the MLP's change (relative
+residual on the calibration tokens), and what it does fit does not carry over to held-out sentences. q/k/v change attention itself, so only distill fits them.
 "Sequential": x comes from the compiled model itself, layers < l already compiled. All layers are
 fitted in ONE forward pass of the calibration set: a pre-hook on each target module fits its LoRA
 from the activations that arrive, writes it, and lets the forward continue through it. The set runs
@@ -29,20 +33,27 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from feta.module import input_positions
 
-# Per architecture: the attention output projection of layer i (what the LoRA goes on), and the
-# attention module of layer i (whose output the source adapter changes: with PEFT's gated prefix
-# the adapter's term is added outside o_proj, by a wrapper that takes the attention module's place).
+# Per architecture: the modules a compiled LoRA can go on (`target=`, joined with "+": o+mlp), and
+# the attention module / MLP of layer i, whose outputs the fit matches (with PEFT's gated prefix the
+# adapter's term is added outside o_proj, by a wrapper that takes the attention module's place).
 TARGETS = {
-    "llama": {"o": r"layers\.(\d+)\.self_attn\.o_proj"},
-    "gpt2": {"o": r"h\.(\d+)\.attn\.c_proj"},
+    "llama": {"q": r"layers\.(\d+)\.self_attn\.q_proj", "k": r"layers\.(\d+)\.self_attn\.k_proj",
+              "v": r"layers\.(\d+)\.self_attn\.v_proj", "o": r"layers\.(\d+)\.self_attn\.o_proj",
+              "mlp": r"layers\.(\d+)\.mlp\.down_proj"},
+    "gpt2": {"qkv": r"h\.(\d+)\.attn\.c_attn", "o": r"h\.(\d+)\.attn\.c_proj", "mlp": r"h\.(\d+)\.mlp\.c_proj"},
 }
+# The closed form fits a per-token linear map of the module's input, which o and the MLP's output
+# projection are; a LoRA on q/k/v acts through the attention softmax/mixing, so only distill fits it.
+CLOSED_FORM = ("o", "mlp")
 ATTENTION = {"llama": r"layers\.(\d+)\.self_attn", "gpt2": r"h\.(\d+)\.attn"}
+MLP = {"llama": r"layers\.(\d+)\.mlp", "gpt2": r"h\.(\d+)\.mlp"}
 # Calibration sentences per micro-batch (see the module docstring).
 MICRO_BATCH = 32
 
@@ -53,7 +64,8 @@ class CompileSpec:
 
     rank: int = field(default=4, metadata={"help": "LoRA rank r of the compiled adapter (0 = bias only)."})
     method: str = field(default="lstsq", metadata={"help": "lstsq | distill | lstsq+distill."})
-    target: str = field(default="o", metadata={"help": "Module the LoRA goes on: o = attention output projection."})
+    target: str = field(default="o", metadata={"help": "Modules the LoRA goes on, joined by +: o (attention output "
+                                                       "projection), mlp (MLP output projection), q/k/v, qkv (GPT-2)."})
     bias: bool = field(default=False, metadata={"help": "Fit a per-layer bias with the low-rank map (lora_bias)."})
     fit_positions: str = field(default="content", metadata={"help": "content (no sinks) | all | last."})
     match: str = field(default="module", metadata={"help": "stream: the post-attention residual stream (corrects "
@@ -61,13 +73,15 @@ class CompileSpec:
     last_weight: float = field(default=1.0, metadata={"help": "Weight of the classified (last) token in the fit."})
     sink_ratio: float = field(default=6.0, metadata={"help": "A token is a sink if its norm > ratio x median."})
     ridge: float = field(default=1e-4, metadata={"help": "Ridge, relative to the mean eigenvalue of X^T X."})
-    calib_size: int = field(default=256, metadata={"help": "Calibration sentences (training split)."})
+    calib_size: int = field(default=512, metadata={"help": "Calibration sentences (training split)."})
     calib_seed: int = field(default=0, metadata={"help": "Which seeded sample of calibration sentences."})
     calib_max_length: int = field(default=64, metadata={"help": "Truncate calibration prompts (tokens)."})
     eval_size: int = field(default=128, metadata={"help": "Held-out validation sentences for residuals."})
     distill_steps: int = field(default=100, metadata={"help": "Gradient steps for the distill methods."})
     distill_lr: float = field(default=3e-4, metadata={"help": "Learning rate for distillation."})
     distill_batch_size: int = field(default=16, metadata={"help": "Batch size for distillation."})
+    distill_hidden: str = field(default="final", metadata={"help": "Hidden states distillation matches: final "
+                                                                   "(the last layer's) | layers (every layer's)."})
 
     def __post_init__(self) -> None:
         from feta.schema import check_choice
@@ -75,6 +89,13 @@ class CompileSpec:
         check_choice("method", self.method, ("lstsq", "distill", "lstsq+distill"))
         check_choice("fit_positions", self.fit_positions, ("content", "all", "last"))
         check_choice("match", self.match, ("stream", "module"))
+        check_choice("distill_hidden", self.distill_hidden, ("final", "layers"))
+        parts = self.target.split("+")
+        if len(set(parts)) != len(parts) or not all(parts):
+            raise ValueError(f"target={self.target}: give module kinds joined by '+', each once (e.g. o or o+mlp)")
+        if "lstsq" in self.method and not set(parts) <= set(CLOSED_FORM):
+            raise ValueError(f"target={self.target} needs method=distill: the closed form ({self.method}) fits only "
+                             f"per-token maps ({', '.join(CLOSED_FORM)})")
         if self.rank < 0:
             raise ValueError(f"rank must be a positive int (LoRA rank), got {self.rank}")
         if self.rank == 0 and not self.bias:
@@ -144,11 +165,15 @@ def reduced_rank_fit(
 # Walking the model.
 
 
-def target_modules(model: torch.nn.Module, arch: str, target: str) -> dict[int, str]:
-    """{layer index: module name} of the compile target in every layer."""
-    if target not in TARGETS[arch]:
-        raise ValueError(f"target={target} is not supported for {arch}; supported: {', '.join(TARGETS[arch])}")
-    return _numbered_modules(model, TARGETS[arch][target], arch)
+def target_modules(model: torch.nn.Module, arch: str, target: str) -> dict[str, tuple[int, str]]:
+    """{module name: (layer index, kind)} of the compile target ("o", "o+mlp", ...), layer by layer."""
+    found = {}
+    for kind in target.split("+"):
+        if kind not in TARGETS[arch]:
+            raise ValueError(f"target={target}: {kind} is not supported for {arch}; supported: {', '.join(TARGETS[arch])}")
+        found.update({name: (i, kind) for i, name in _numbered_modules(model, TARGETS[arch][kind], arch).items()})
+    order = list(TARGETS[arch])
+    return dict(sorted(found.items(), key=lambda item: (item[1][0], order.index(item[1][1]))))
 
 
 def _numbered_modules(model: torch.nn.Module, regex: str, arch: str) -> dict[int, str]:
@@ -163,31 +188,37 @@ def _numbered_modules(model: torch.nn.Module, regex: str, arch: str) -> dict[int
     return dict(sorted(found.items()))
 
 
-def _parent_layer(model: torch.nn.Module, module_name: str) -> torch.nn.Module:
-    """The decoder block that contains `module_name` (its grandparent: block.attn.proj)."""
-    return model.get_submodule(module_name.rsplit(".", 2)[0])
-
-
 def _layer_input(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _first(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Stream(NamedTuple):
+    """One layer of a model's forward, each (B, T, d): the layer input, the attention output and the
+    MLP output; h_in + attn is the stream after attention, h_in + attn + mlp the layer's output."""
+
+    h_in: Tensor
+    attn: Tensor
+    mlp: Tensor
+
+
 @contextlib.contextmanager
-def _layer_hooks(base: torch.nn.Module, names: dict[int, str], at_module):
-    """For forwards (in any threads): record each layer's input in h_in[i] and call
-    at_module(module, args, i, h_in) just before its target module runs; the forward then runs
-    through any weights the call wrote."""
-    local, hooks = threading.local(), []  # h_in per thread: micro-batches may run concurrently
-
-    def h_in() -> dict:
-        if not hasattr(local, "h_in"):
-            local.h_in = {}
-        return local.h_in
-
-    for i, name in names.items():
-        hooks.append(_parent_layer(base, name).register_forward_pre_hook(
-            lambda m, a, k, i=i: h_in().__setitem__(i, _layer_input(a, k)), with_kwargs=True))
-        hooks.append(base.get_submodule(name).register_forward_pre_hook(lambda m, a, i=i: at_module(m, a, i, h_in())))
+def _stream_hooks(base: torch.nn.Module, arch: str, record, at_module=None, names: dict | None = None):
+    """While active, forwards (in any threads) call record(i, field, tensor) with each layer's input
+    ("h_in"), attention output ("attn") and MLP output ("mlp"), and at_module(module, args, name) just
+    before each target module in `names` runs; the forward then runs through any weights it wrote."""
+    hooks = []
+    for i, name in _numbered_modules(base, ATTENTION[arch], arch).items():
+        hooks.append(base.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(
+            lambda m, a, k, i=i: record(i, "h_in", _layer_input(a, k)), with_kwargs=True))
+        hooks.append(base.get_submodule(name).register_forward_hook(lambda m, a, out, i=i: record(i, "attn", _first(out))))
+    for i, name in _numbered_modules(base, MLP[arch], arch).items():
+        hooks.append(base.get_submodule(name).register_forward_hook(lambda m, a, out, i=i: record(i, "mlp", _first(out))))
+    for name in names or {}:
+        hooks.append(base.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: at_module(m, a, name)))
     try:
         yield
     finally:
@@ -196,25 +227,15 @@ def _layer_hooks(base: torch.nn.Module, names: dict[int, str], at_module):
 
 
 @torch.no_grad()
-def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str) -> dict[int, tuple[Tensor, Tensor]]:
-    """Per layer, the adapted model's layer input h_in and attention output o, each (B, T, d) at the
-    input's own positions (a soft prompt's virtual positions are cut off): h_in + o is the stream
-    right after attention. Works for any token adaptation: prefix (extra KV), soft prompt (extra
+def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str) -> dict[int, Stream]:
+    """Per layer, the adapted model's Stream at the input's own positions (a soft prompt's virtual
+    positions are cut off). Works for any token adaptation: prefix (extra KV), soft prompt (extra
     input positions), gated prefix (an extra gated attention term)."""
-    base = prefix_model.get_base_model()
-    streams, h_in, hooks = {}, {}, []
-    cut = lambda x: input_positions(x, batch["input_ids"])  # noqa: E731
-    for i, name in _numbered_modules(base, ATTENTION[arch], arch).items():
-        hooks.append(base.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(
-            lambda m, a, k, i=i: h_in.__setitem__(i, cut(_layer_input(a, k))), with_kwargs=True))
-        hooks.append(base.get_submodule(name).register_forward_hook(
-            lambda m, a, out, i=i: streams.__setitem__(i, (h_in[i], cut(out[0] if isinstance(out, tuple) else out)))))
-    try:
+    parts: dict[int, dict[str, Tensor]] = {}
+    record = lambda i, key, x: parts.setdefault(i, {}).__setitem__(key, input_positions(x, batch["input_ids"]))  # noqa: E731
+    with _stream_hooks(prefix_model.get_base_model(), arch, record):
         prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in hooks:
-            h.remove()
-    return streams
+    return {i: Stream(**p) for i, p in sorted(parts.items())}
 
 
 def last_token(batch: dict[str, Tensor]) -> Tensor:
@@ -273,38 +294,52 @@ def fit_weights(batches: list[dict[str, Tensor]], sinks: list[Tensor], spec: Com
     return weights, record
 
 
-def fit_lstsq(lora_model, prefix: list[dict[int, tuple[Tensor, Tensor]]], batches: list[dict[str, Tensor]],
-              weights: list[Tensor], arch: str, spec: CompileSpec) -> dict[int, dict]:
-    """Fit every layer's LoRA in one forward pass of the compiled model over all micro-batches
-    (`prefix[j]`, `weights[j]` belong to `batches[j]`; see the module docstring)."""
+def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[str, Tensor]],
+              weights: list[Tensor], arch: str, spec: CompileSpec, sinks: list[Tensor] | None = None) -> dict[str, dict]:
+    """Fit every target module's LoRA in one forward pass of the compiled model over all micro-batches
+    (`prefix[j]`, `weights[j]`, `sinks[j]` belong to `batches[j]`; see the module docstring).
+
+    An MLP LoRA must leave the sink tokens as they are: their MLP input is where the massive activation
+    is made, so a map fitted without them acts hugely there and the model loses its attention sink
+    (SmolLM2, o+mlp r=4: 58.7%). Sink rows therefore enter the MLP fits with target "no change"."""
     base = lora_model.get_base_model()
     names = target_modules(base, arch, spec.target)
-    arrived = {i: [None] * len(batches) for i in names}  # per layer, per micro-batch: (x, target, w)
+    arrived = {name: [None] * len(batches) for name in names}  # per module, per micro-batch: (x, target, w)
     local, stats, errors = threading.local(), {}, []
 
-    def fit_layer(i: int) -> None:  # the barrier's action: one thread runs it, all others wait
-        x, target, w = (torch.cat(parts) for parts in zip(*arrived[i]))
-        arrived[i] = None
+    def fit_module(name: str) -> None:  # the barrier's action: one thread runs it, all others wait
+        x, target, w = (torch.cat(parts) for parts in zip(*arrived[name]))
+        arrived[name] = None
         A, B, b = reduced_rank_fit(x, target, spec.rank, spec.ridge, spec.bias, w)
-        _write_lora(base.get_submodule(names[i]), A, B, b)
+        _write_lora(base.get_submodule(name), A, B, b)
         resid = target.double() - (x.double() @ A.T @ B.T + (b if b is not None else 0))
-        stats[i] = {"fit_residual": float(resid.norm() / target.double().norm().clamp_min(1e-30))}
+        stats[name] = {"fit_residual": float(resid.norm() / target.double().norm().clamp_min(1e-30))}
 
-    barriers = {i: threading.Barrier(len(batches), action=lambda i=i: fit_layer(i)) for i in names}
+    barriers = {name: threading.Barrier(len(batches), action=lambda n=name: fit_module(n)) for name in names}
 
-    def arrive(module, args, i, h_in):
-        j, x = local.j, args[0]  # x: (B, T, d_in), this thread's micro-batch
-        h_in_p, o_p = prefix[j][i]
-        if spec.match == "stream":  # what attention must add so the stream equals the prefix model's
-            target = h_in_p + o_p - h_in[i] - module.base_layer(x)  # (B, T, d_out)
-        else:  # "module": the prefix-induced change of the attention output alone
-            target = o_p - module.base_layer(x)
-        select = weights[j] > 0
-        arrived[i][j] = (x[select], target[select], weights[j][select])
-        barriers[i].wait()
+    def arrive(module, args, name):
+        (i, kind), j, x = names[name], local.j, args[0]  # x: (B, T, d_in), this thread's micro-batch
+        p, c = prefix[j][i], local.stream[i]  # the prefix model's and this (compiled) model's layer i
+        if kind == "o":  # the prefix-induced change of the attention output ...
+            target = p.attn - module.base_layer(x)
+            if spec.match == "stream":  # ... plus what undoes earlier layers' error in the stream
+                target = target + p.h_in - c["h_in"]
+        else:  # "mlp": the same for the MLP output / the layer's output
+            target = p.mlp - module.base_layer(x)
+            if spec.match == "stream":
+                target = target + p.h_in + p.attn - c["h_in"] - c["attn"]
+        w = weights[j]
+        if kind == "mlp" and sinks is not None and spec.fit_positions != "all":
+            target, w = target.masked_fill(sinks[j][..., None], 0.0), torch.where(sinks[j], 1.0, w)
+        select = w > 0
+        arrived[name][j] = (x[select], target[select], w[select])
+        barriers[name].wait()
+
+    def record(i, key, x):
+        local.stream.setdefault(i, {})[key] = x
 
     def run(j: int) -> None:
-        local.j = j
+        local.j, local.stream = j, {}
         try:
             with torch.no_grad():
                 lora_model(input_ids=batches[j]["input_ids"], attention_mask=batches[j]["attention_mask"])
@@ -315,7 +350,7 @@ def fit_lstsq(lora_model, prefix: list[dict[int, tuple[Tensor, Tensor]]], batche
             for barrier in barriers.values():
                 barrier.abort()
 
-    with _layer_hooks(base, names, arrive):
+    with _stream_hooks(base, arch, record, arrive, names):
         threads = [threading.Thread(target=run, args=(j,)) for j in range(len(batches))]
         for t in threads:
             t.start()
@@ -430,7 +465,7 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
     model_spec, data_spec, _ = runs.run_specs(cfg)
     base, tokenizer = load_base_model(model_spec)
     names = target_modules(base, model_spec.arch, spec.target)
-    width = min(_module_shape(base.get_submodule(n)) for n in names.values())
+    width = min(_module_shape(base.get_submodule(n)) for n in names)
     if spec.rank > width:
         raise ValueError(f"rank={spec.rank} exceeds the width of {spec.target} ({width}); use rank <= {width}")
     start = time.perf_counter()
@@ -446,12 +481,13 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
     prefix_model = load_adapter(copy.deepcopy(base), path).eval()
     calib, held_out = micro_batches(calib, MICRO_BATCH), micro_batches(held_out, MICRO_BATCH)
     streams = [prefix_stream(prefix_model, b, model_spec.arch) for b in calib]
-    weights, positions = fit_weights(calib, [find_sinks(base, b, spec.sink_ratio) for b in calib], spec)
-    lora_cfg = compiled_lora_config(spec.rank, list(names.values()), spec.bias, model_spec.arch)
+    sinks = [find_sinks(base, b, spec.sink_ratio) for b in calib]
+    weights, positions = fit_weights(calib, sinks, spec)
+    lora_cfg = compiled_lora_config(spec.rank, list(names), spec.bias, model_spec.arch)
     compiled = get_peft_model(copy.deepcopy(base), lora_cfg).eval()
     stats = {}
     if spec.method in ("lstsq", "lstsq+distill"):
-        stats["layers"] = fit_lstsq(compiled, streams, calib, weights, model_spec.arch, spec)
+        stats["modules"] = fit_lstsq(compiled, streams, calib, weights, model_spec.arch, spec, sinks)
     del streams
     if "distill" in spec.method:
         from feta.distill import distill
@@ -471,7 +507,7 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
         "rank": spec.rank,
         "bias": spec.bias,
         "target": spec.target,
-        "target_modules": list(names.values()),
+        "target_modules": list(names),
         "calibration": {"sentences": spec.calib_size, "max_length": spec.calib_max_length, **positions},
         "eval_sentences": spec.eval_size,
         "residuals": residuals,

@@ -1,7 +1,11 @@
 """Refine a compiled LoRA by distillation from its source prefix (compile methods distill, lstsq+distill).
 
 The reference's approach, as a Lightning loop: the student (the compiled LoRA model) learns the
-teacher's (the prefix model's) label-word distribution (KL) and final hidden states (MSE).
+teacher's (the prefix model's) label-word distribution (KL) plus its hidden states (MSE):
+`distill_hidden=final` matches the last layer's output only, as the reference does, which leaves the
+intermediate layers free to drift; `layers` matches every layer's output relative to the prefix-induced
+change (the residual compile.json reports, squared), at content tokens: attention sinks, detected in
+the base model as in the closed form, are left out because their change swamps every other token's.
 """
 
 from __future__ import annotations
@@ -14,29 +18,39 @@ from feta.module import input_positions
 
 
 class DistillModule(L.LightningModule):
-    def __init__(self, student, teacher, label_ids: list[int], lr: float, hidden_weight: float = 1.0) -> None:
+    def __init__(self, student, teacher, label_ids: list[int], lr: float, hidden: str = "final",
+                 sink_ratio: float = 6.0) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher
         self.teacher.requires_grad_(False)
-        self.label_ids, self.lr, self.hidden_weight = label_ids, lr, hidden_weight
+        self.label_ids, self.lr, self.hidden, self.sink_ratio = label_ids, lr, hidden, sink_ratio
 
     def _outputs(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                     logits_to_keep=1)
-        h = input_positions(out.hidden_states[-1], batch["input_ids"])  # (B, T, d), after the final norm
+        hs = [input_positions(h, batch["input_ids"]) for h in out.hidden_states[1:]]  # (B, T, d) each
         last = batch["attention_mask"].sum(1) - 1
         w = model.get_output_embeddings().weight[self.label_ids]  # (n_labels, d)
-        return h, h[torch.arange(h.shape[0]), last] @ w.T
+        return hs, hs[-1][torch.arange(hs[-1].shape[0]), last] @ w.T  # hs[-1] is after the final norm
 
     def training_step(self, batch, batch_idx):
+        from feta.compiler import sinks_in
+
+        mask = batch["attention_mask"].bool()
         with torch.no_grad():
             h_t, z_t = self._outputs(self.teacher, batch)
+            if self.hidden == "layers":
+                with self.student.disable_adapter():
+                    h_b, _ = self._outputs(self.student, batch)
+                content = mask & ~sinks_in(h_b[:-1], batch, self.sink_ratio)
         h_s, z_s = self._outputs(self.student, batch)
-        mask = batch["attention_mask"].bool()
         kl = F.kl_div(F.log_softmax(z_s, -1), F.log_softmax(z_t, -1), log_target=True, reduction="batchmean")
-        # Relative MSE so the loss scale does not depend on the model's hidden-state norm.
-        mse = (h_s - h_t)[mask].pow(2).sum() / h_t[mask].pow(2).sum()
-        loss = kl + self.hidden_weight * mse
+        if self.hidden == "layers":
+            mse = torch.stack([(s - t)[content].pow(2).sum() / (t - b)[content].pow(2).sum().clamp_min(1e-12)
+                               for s, t, b in zip(h_s, h_t, h_b)]).mean()
+        else:  # relative, so the loss scale does not depend on the model's hidden-state norm
+            mse = (h_s[-1] - h_t[-1])[mask].pow(2).sum() / h_t[-1][mask].pow(2).sum()
+        loss = kl + mse
         self.log_dict({"distill/kl": kl, "distill/mse": mse}, prog_bar=True)
         return loss
 
@@ -50,7 +64,8 @@ def distill(student, teacher, datamodule, spec, seed: int) -> dict:
     loader = torch.utils.data.DataLoader(
         datamodule.splits["train"], batch_size=spec.distill_batch_size, shuffle=True, collate_fn=datamodule.collate,
     )
-    module = DistillModule(student, teacher.eval(), datamodule.label_ids, spec.distill_lr)
+    module = DistillModule(student, teacher.eval(), datamodule.label_ids, spec.distill_lr, spec.distill_hidden,
+                           spec.sink_ratio)
     trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         accelerator="auto", devices=1, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)

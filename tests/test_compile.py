@@ -109,6 +109,75 @@ def _tiny_prefix_source():
     return base, source, dict(tok(texts, padding=True, return_tensors="pt"))
 
 
+@pytest.mark.parametrize("match", ["module", "stream"])
+def test_a_weight_space_source_is_recovered_on_the_modules_it_changed(match):
+    """Known answer: a source that IS a rank-2 LoRA on the attention and MLP output projections. The
+    closed form with target=o+mlp must recover both updates (so the compiled model equals the
+    source); target=o alone cannot reproduce the MLP's change."""
+    from feta.schema import to_spec
+
+    base, tok = load_base_model(to_spec(compose_cfg("train", ["model=gpt2_tiny"]), "model"))
+    names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
+    torch.manual_seed(0)
+    source = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=2, target_modules=names, fan_in_fan_out=True,
+                                                            init_lora_weights=False)).eval()
+    tok.pad_token, tok.padding_side = tok.eos_token, "right"
+    words = "good bad dull bright slow long short warm cold odd".split()
+    texts = [f"Review: a {a} and {b} film, {c} at times\nSentiment:" for a in words for b in words[:6] for c in words[6:8]]  # ~1,700 tokens > 256 = d_in
+    batches = micro_batches(dict(tok(texts, padding=True, return_tensors="pt")), 16)
+    streams = [prefix_stream(source, b, "gpt2") for b in batches]
+    weights = [b["attention_mask"].double() for b in batches]
+
+    def compiled_for(target):
+        compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(
+            2, [n for n in names if target == "o+mlp" or ".attn." in n], False, "gpt2")).eval()
+        fit_lstsq(compiled, streams, batches, weights, "gpt2", CompileSpec(rank=2, target=target, match=match, ridge=0.0))
+        return compiled
+
+    both, attn_only = compiled_for("o+mlp"), compiled_for("o")
+    for name in names:
+        src, fit = source.get_base_model().get_submodule(name), both.get_base_model().get_submodule(name)
+        delta = lambda m: m.lora_B["default"].weight @ m.lora_A["default"].weight  # noqa: E731
+        assert delta(src).norm() > 0.1
+        torch.testing.assert_close(delta(fit), delta(src), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        out = {k: m(**batches[0], output_hidden_states=True).hidden_states[-1]
+               for k, m in (("source", source), ("both", both), ("attn_only", attn_only), ("base", base))}
+    rel = lambda k: float((out[k] - out["source"]).norm() / (out["source"] - out["base"]).norm())  # noqa: E731
+    assert rel("both") < 1e-4 and rel("attn_only") > 0.05, (rel("both"), rel("attn_only"))
+
+
+def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monkeypatch):
+    """Rows that reach the least squares: an o fit leaves sink tokens out; an MLP fit keeps them with
+    target zero (its LoRA must not move the massive activation), and neither changes the weights of
+    the other tokens."""
+    import feta.compiler as compiler
+
+    base, source, batch = _tiny_prefix_source()
+    sinks = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    sinks[:, 0] = True
+    weights = batch["attention_mask"].double().masked_fill(sinks, 0.0)
+    calls, fit = [], compiler.reduced_rank_fit
+
+    def spy(x, target, rank, ridge, bias, w):
+        calls.append((x, target, w))
+        return fit(x, target, rank, ridge, bias, w)
+
+    monkeypatch.setattr(compiler, "reduced_rank_fit", spy)
+    names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
+    compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, False, "gpt2")).eval()
+    fit_lstsq(compiled, [prefix_stream(source, batch, "gpt2")], [batch], [weights], "gpt2",
+              CompileSpec(rank=2, target="o+mlp"), [sinks])
+    assert len(calls) == 4  # in forward order: layer 0 o, layer 0 mlp, layer 1 o, layer 1 mlp
+    n_content, n_sinks = int(weights.gt(0).sum()), int(sinks.sum())
+    for k, (x, target, w) in enumerate(calls):
+        if k % 2 == 0:  # o
+            assert x.shape[1] == 64 and len(w) == n_content and (w == 1).all()
+        else:  # mlp: the content rows and every sink row, whose target is zero
+            assert x.shape[1] == 256 and len(w) == n_content + n_sinks and (w == 1).all()
+            assert int((target.abs().sum(1) == 0).sum()) == n_sinks
+
+
 def test_micro_batches_fit_exactly_like_one_batch():
     """The calibration set runs as length-sorted micro-batches in threads that meet at every layer;
     the fitted LoRA must equal the one fitted from a single padded batch of the same sentences."""
@@ -166,7 +235,7 @@ def test_residual_falls_with_rank(prefix_run):
     for r in (1, 4, 64):  # gpt2_tiny: d = 64, so 64 is full rank
         rec = compile_prefix(compile_cfg(prefix_run, f"rank={r}"))
         res[r] = rec["residual_content_mean"]  # held-out validation sentences
-        fit[r] = [v["fit_residual"] for v in rec["fit_stats"]["layers"].values()]  # calibration tokens, per layer
+        fit[r] = [v["fit_residual"] for v in rec["fit_stats"]["modules"].values()]  # calibration tokens, per layer
         assert len(rec["residuals"]["last"]) == 2 and all(0 <= v < 10 for v in rec["residuals"]["last"])
     assert res[1] > res[4] > res[64], res
     # On calibration data (~1,000 tokens > d = 64, so not vacuous) a larger rank must fit clearly better.
@@ -221,7 +290,9 @@ def test_llama_bias_compile_reloads_and_merges(tmp_path):
         (["method=distill", "bias=true"], ValueError, r"bias=true is a closed-form option"),
         (["base_model=gpt2"], ValueError, r"base_model=gpt2 but the prefix .* was trained on gpt2_tiny"),
         (["merge_dtype=int8"], ValueError, r"merge_dtype must be one of float32"),
-        (["target=q"], ValueError, r"target=q is not supported for gpt2; supported: o"),
+        (["target=q", "method=distill"], ValueError, r"target=q: q is not supported for gpt2; supported: qkv, o, mlp"),
+        (["target=o+v"], ValueError, r"target=o\+v needs method=distill: the closed form \(lstsq\) fits only"),
+        (["target=o+o"], ValueError, r"target=o\+o: give module kinds joined by '\+', each once"),
     ],
 )
 def test_bad_settings_write_nothing(prefix_run, tmp_path, overrides, exc, match):
@@ -255,3 +326,37 @@ def test_existing_result_is_kept_unless_overwrite(prefix_run, tmp_path):
     assert (out / "compile.json").stat().st_mtime_ns == stamp
     rec = compile_prefix(compile_cfg(prefix_run, "rank=3", f"out_dir={out}", "overwrite=true"))
     assert json.loads((out / "compile.json").read_text())["rank"] == 3 == rec["rank"]
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def test_distill_layers_loss_is_the_squared_residual_and_zero_at_the_teacher():
+    """distill_hidden=layers: per layer ‖h_student − h_prefix‖² / ‖h_prefix − h_base‖² at content tokens,
+    averaged; a student that is still the base model scores exactly 1, the teacher itself 0."""
+    from feta.distill import DistillModule
+
+    base, source, batch = _tiny_prefix_source()
+    names = [f"transformer.h.{i}.attn.c_proj" for i in range(2)]
+    student = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, False, "gpt2")).eval()  # B = 0
+    logged = {}
+    for teacher, expected in ((source, 1.0), (student, 0.0)):
+        module = DistillModule(student, teacher, [0, 1], lr=1e-3, hidden="layers")
+        module.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})
+        with torch.no_grad():
+            module.training_step(batch, 0)
+        assert abs(logged["distill/mse"] - expected) < 1e-5, logged
+    assert logged["distill/kl"] < 1e-6
+
+
+@pytest.mark.parametrize("target", ["v", "q+k+v+o"])
+def test_distill_fits_attention_targets_the_closed_form_cannot(tmp_path, target):
+    cfg = tiny_train_cfg(tmp_path, "model=llama_tiny", "adapter.init=random", "adapter.m=8", "trainer.max_steps=4")
+    train(cfg)
+    rec = compile_prefix(compile_cfg(cfg.output_dir, "rank=2", "method=distill", f"target={target}", "distill_steps=6",
+                                     "distill_lr=1e-3", "distill_hidden=layers"))
+    assert (Path(cfg.output_dir) / f"compiled-r2-distill-{target.replace('+', '_')}" / "adapter").is_dir()
+    kinds = {name.rsplit(".", 1)[-1] for name in rec["target_modules"]}
+    assert kinds == {f"{k}_proj" for k in target.split("+")} and len(rec["target_modules"]) == 2 * len(kinds)
+    assert rec["fit_stats"]["distill"]["steps"] == 6
+    assert rec["residual_content_mean"] < 1.0, rec["residuals"]  # moved from the base model toward the prefix

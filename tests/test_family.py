@@ -225,12 +225,13 @@ def test_stream_capture_is_the_whole_attention_output_at_the_inputs_positions(fa
         hidden = [input_positions(h, ids) for h in model(**batch, output_hidden_states=True).hidden_states]
         blocks = model.get_base_model().transformer.h if arch == "gpt2" else model.get_base_model().model.layers
         for i in range(len(blocks) - 1):  # the last hidden state is after the final norm
-            h_in, o = streams[i]
+            h_in, o, mlp_out = streams[i]
             assert h_in.shape == (*ids.shape, h_in.shape[-1])
             torch.testing.assert_close(h_in, hidden[i])
             mid = h_in + o
             norm, mlp = (blocks[i].ln_2, blocks[i].mlp) if arch == "gpt2" else (blocks[i].post_attention_layernorm, blocks[i].mlp)
-            torch.testing.assert_close(mid + mlp(norm(mid)), hidden[i + 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mlp_out, mlp(norm(mid)), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mid + mlp_out, hidden[i + 1], atol=1e-5, rtol=1e-5)
 
 
 def _compile_ranks(root, job, tmp_path, ranks=(1, 64)):  # gpt2_tiny and llama_tiny: d = 64 = full rank
@@ -242,7 +243,7 @@ def _compile_ranks(root, job, tmp_path, ranks=(1, 64)):  # gpt2_tiny and llama_t
                                                      f"rank={r}", f"out_dir={tmp_path / str(r)}"]))
         assert (tmp_path / str(r) / "adapter" / "adapter_model.safetensors").is_file()
         res[r] = rec["residual_content_mean"]  # held-out validation sentences
-        fit[r] = [v["fit_residual"] for v in rec["fit_stats"]["layers"].values()]  # calibration tokens
+        fit[r] = [v["fit_residual"] for v in rec["fit_stats"]["modules"].values()]  # calibration tokens
     return res, fit
 
 
