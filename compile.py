@@ -27,7 +27,8 @@ def out_dir_for(cfg: DictConfig, spec: CompileSpec) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
     name = (f"compiled-r{spec.rank}" + ("" if spec.method == "lstsq" else f"-{spec.method}")
-            + ("" if spec.target == "o" else f"-{spec.target.replace('+', '_')}") + ("-bias" if spec.bias else ""))
+            + ("" if spec.target == "o" else f"-{spec.target.replace('+', '_')}")
+            + ("-nobias" if not spec.bias and spec.method != "distill" else ""))
     return Path(cfg.ckpt) / name
 
 

@@ -302,18 +302,25 @@ def compiled_lora_config(rank: int, modules: list[str], bias: bool, arch: str) -
     )
 
 
-def _give_attention_biases(model) -> None:
+def _give_biases(model) -> None:
     """Llama's projections have no bias, so PEFT cannot merge a lora_bias into them. Give every
-    attention projection a zero bias and set `attention_bias=True`, the standard config that plain
-    transformers loads back, so the merged model is an ordinary Llama checkpoint."""
+    attention projection (and, if the MLP's output projection carries a LoRA, every MLP projection) a
+    zero bias and set `attention_bias` / `mlp_bias`, the standard config flags that plain transformers
+    loads back, so the merged model is an ordinary Llama checkpoint."""
     if getattr(model.config, "model_type", "") not in ("llama",):
         return
+    mlp = any(hasattr(layer.mlp.down_proj, "base_layer") for layer in model.model.layers)
     for layer in model.model.layers:
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+        attn = layer.self_attn
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+        if mlp:
+            projections += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+        for proj in projections:
             base = getattr(proj, "base_layer", proj)
             if base.bias is None:
                 base.bias = torch.nn.Parameter(torch.zeros(base.out_features, dtype=base.weight.dtype))
     model.config.attention_bias = True
+    model.config.mlp_bias = model.config.mlp_bias or mlp
 
 
 def merged_copy(peft_model):
@@ -326,7 +333,7 @@ def merged_copy(peft_model):
 
     model = copy.deepcopy(peft_model)
     if getattr(model.peft_config[model.active_adapter], "lora_bias", False):  # IA3 has none
-        _give_attention_biases(model.get_base_model())
+        _give_biases(model.get_base_model())
     return model.merge_and_unload(safe_merge=True).eval()
 
 

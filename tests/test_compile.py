@@ -89,7 +89,7 @@ def test_zero_effect_source_compiles_to_a_zero_lora():
     streams = prefix_stream(source, batch, "gpt2")
     fresh, _ = load_base_model(to_spec(cfg, "model"))
     compiled = get_peft_model(fresh, LoraConfig(r=2, lora_alpha=2, target_modules=r".*attn\.c_proj", fan_in_fan_out=True))
-    fit_lstsq(compiled, [streams], [batch], [batch["attention_mask"].double()], "gpt2", CompileSpec(rank=2))
+    fit_lstsq(compiled, [streams], [batch], [batch["attention_mask"].double()], "gpt2", CompileSpec(rank=2, bias=False))
     # Zero up to float32 roundoff of the captured streams (~1e-7 relative); a misaligned capture
     # (wrong layer, shifted positions) gives a delta of the order of the weights themselves.
     for layer in compiled.get_base_model().transformer.h:
@@ -131,7 +131,7 @@ def test_a_weight_space_source_is_recovered_on_the_modules_it_changed(match):
     def compiled_for(target):
         compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(
             2, [n for n in names if target == "o+mlp" or ".attn." in n], False, "gpt2")).eval()
-        fit_lstsq(compiled, streams, batches, weights, "gpt2", CompileSpec(rank=2, target=target, match=match, ridge=0.0))
+        fit_lstsq(compiled, streams, batches, weights, "gpt2", CompileSpec(rank=2, bias=False, target=target, match=match, ridge=0.0))
         return compiled
 
     both, attn_only = compiled_for("o+mlp"), compiled_for("o")
@@ -167,7 +167,7 @@ def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monke
     names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
     compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, False, "gpt2")).eval()
     fit_lstsq(compiled, [prefix_stream(source, batch, "gpt2")], [batch], [weights], "gpt2",
-              CompileSpec(rank=2, target="o+mlp"), [sinks])
+              CompileSpec(rank=2, bias=False, target="o+mlp"), [sinks])
     assert len(calls) == 4  # in forward order: layer 0 o, layer 0 mlp, layer 1 o, layer 1 mlp
     n_content, n_sinks = int(weights.gt(0).sum()), int(sinks.sum())
     for k, (x, target, w) in enumerate(calls):
@@ -211,7 +211,7 @@ def test_a_failing_micro_batch_raises_instead_of_hanging():
     compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(
         2, ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"], False, "gpt2"))
     with pytest.raises(RuntimeError, match=r"size"):
-        fit_lstsq(compiled, streams, parts, [p["attention_mask"].double() for p in parts], "gpt2", CompileSpec(rank=2))
+        fit_lstsq(compiled, streams, parts, [p["attention_mask"].double() for p in parts], "gpt2", CompileSpec(rank=2, bias=False))
 
 
 # ------------------------------------------------------------------ on trained tiny runs
@@ -262,12 +262,22 @@ def test_adapter_reloads_with_plain_peft_and_merges_exactly(prefix_run, tmp_path
     assert (a - c).abs().max() > 1e-3  # the compiled adapter does something
 
 
-def test_llama_bias_compile_reloads_and_merges(tmp_path):
-    cfg = tiny_train_cfg(tmp_path, "model=llama_tiny", "adapter.init=random", "adapter.m=8", "trainer.max_steps=4")
+@pytest.fixture(scope="module")
+def llama_prefix_run(tmp_path_factory):
+    cfg = tiny_train_cfg(tmp_path_factory.mktemp("llama"), "model=llama_tiny", "adapter.init=random", "adapter.m=8",
+                         "trainer.max_steps=4")
     train(cfg)
-    run = Path(cfg.output_dir)
+    return Path(cfg.output_dir)
+
+
+@pytest.mark.parametrize("target", ["o", "o+mlp"])
+def test_llama_bias_compile_reloads_and_merges(llama_prefix_run, tmp_path, target):
+    """Llama has no biases: the merged model gains zero biases where a lora_bias lands (attention,
+    and the MLP for target=o+mlp) and must load back with plain transformers, logits unchanged."""
+    run = llama_prefix_run
     out = tmp_path / "cb"
-    rec = compile_prefix(compile_cfg(run, "rank=2", "bias=true", "merge=true", f"out_dir={out}"))
+    rec = compile_prefix(compile_cfg(run, "rank=2", f"target={target}", "merge=true", f"out_dir={out}"))
+    assert rec["bias"] is True  # the closed form's default
     assert rec["merge"]["max_abs_logit_diff"] < 1e-4
     model_spec, _, _ = runs.run_specs(runs.load_run_config(run))
     base, tok = load_base_model(model_spec)
@@ -276,6 +286,9 @@ def test_llama_bias_compile_reloads_and_merges(tmp_path):
     assert peft_model.peft_config["default"].lora_bias
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
     assert merged.config.attention_bias and merged.model.layers[0].self_attn.o_proj.bias.abs().max() > 0
+    assert merged.config.mlp_bias == (target == "o+mlp")
+    if target == "o+mlp":
+        assert merged.model.layers[0].mlp.down_proj.bias.abs().max() > 0
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-5)
 
@@ -283,7 +296,7 @@ def test_llama_bias_compile_reloads_and_merges(tmp_path):
 @pytest.mark.parametrize(
     "overrides,exc,match",
     [
-        (["rank=0"], ValueError, r"rank=0 with bias=false leaves nothing to fit"),
+        (["rank=0", "bias=false"], ValueError, r"rank=0 with bias=false leaves nothing to fit"),
         (["rank=-2"], ValueError, r"rank must be a positive int"),
         (["rank=65"], ValueError, r"rank=65 exceeds the width of o \(64\)"),
         (["fit_positions=middle"], ValueError, r"fit_positions must be one of content, all, last"),
@@ -350,12 +363,10 @@ def test_distill_layers_loss_is_the_squared_residual_and_zero_at_the_teacher():
 
 
 @pytest.mark.parametrize("target", ["v", "q+k+v+o"])
-def test_distill_fits_attention_targets_the_closed_form_cannot(tmp_path, target):
-    cfg = tiny_train_cfg(tmp_path, "model=llama_tiny", "adapter.init=random", "adapter.m=8", "trainer.max_steps=4")
-    train(cfg)
-    rec = compile_prefix(compile_cfg(cfg.output_dir, "rank=2", "method=distill", f"target={target}", "distill_steps=6",
+def test_distill_fits_attention_targets_the_closed_form_cannot(llama_prefix_run, target):
+    rec = compile_prefix(compile_cfg(llama_prefix_run, "rank=2", "method=distill", f"target={target}", "distill_steps=6",
                                      "distill_lr=1e-3", "distill_hidden=layers"))
-    assert (Path(cfg.output_dir) / f"compiled-r2-distill-{target.replace('+', '_')}" / "adapter").is_dir()
+    assert (llama_prefix_run / f"compiled-r2-distill-{target.replace('+', '_')}" / "adapter").is_dir()
     kinds = {name.rsplit(".", 1)[-1] for name in rec["target_modules"]}
     assert kinds == {f"{k}_proj" for k in target.split("+")} and len(rec["target_modules"]) == 2 * len(kinds)
     assert rec["fit_stats"]["distill"]["steps"] == 6
