@@ -8,11 +8,12 @@ projection W (input x, per token) is fitted to the prefix-induced change of that
     min_{rank(ΔW) <= r}  sum_t w_t ||target_t - ΔW x_t||^2 + ridge ||ΔW||^2
 
 `match=stream` targets the whole residual stream after attention instead (h_mid_prefix − h_in_compiled
-− W x), so a layer also tries to undo earlier layers' error; on SmolLM2 it was worse (85.6% vs 86.9%).
+− W x), so a layer also tries to undo earlier layers' error; on SmolLM2 it was worse (85.6% vs 86.7%).
 `target=o+mlp` also fits the MLP's output projection, to the MLP's change (or, with match=stream, to
 what the layer's output still lacks); its input is a rich nonlinear feature of the token, yet at r=4 on
 SmolLM2 it lost accuracy (82.5% / 85.7%): a rank-4 map leaves 0.84-0.94 of the MLP's change (relative
-residual on the calibration tokens), and what it does fit does not carry over to held-out sentences. q/k/v change attention itself, so only distill fits them.
+residual on the calibration tokens), and what it does fit does not carry over to held-out sentences.
+q/k/v change attention itself, so only distill fits them.
 "Sequential": x comes from the compiled model itself, layers < l already compiled. All layers are
 fitted in ONE forward pass of the calibration set: a pre-hook on each target module fits its LoRA
 from the activations that arrive, writes it, and lets the forward continue through it. The set runs
