@@ -202,24 +202,27 @@ def _first(out) -> Tensor:
 
 class Stream(NamedTuple):
     """One layer of a model's forward, each (B, T, d): the layer input, the attention output and the
-    MLP output; h_in + attn is the stream after attention, h_in + attn + mlp the layer's output."""
+    MLP output (None unless asked for); h_in + attn is the stream after attention, h_in + attn + mlp
+    the layer's output."""
 
     h_in: Tensor
     attn: Tensor
-    mlp: Tensor
+    mlp: Tensor | None = None
 
 
 @contextlib.contextmanager
-def _stream_hooks(base: torch.nn.Module, arch: str, record, at_module=None, names: dict | None = None):
+def _stream_hooks(base: torch.nn.Module, arch: str, record, at_module=None, names: dict | None = None,
+                  mlp: bool = False):
     """While active, forwards (in any threads) call record(i, field, tensor) with each layer's input
-    ("h_in"), attention output ("attn") and MLP output ("mlp"), and at_module(module, args, name) just
-    before each target module in `names` runs; the forward then runs through any weights it wrote."""
+    ("h_in"), attention output ("attn") and, with mlp=True, MLP output ("mlp"), and
+    at_module(module, args, name) just before each target module in `names` runs; the forward then
+    runs through any weights it wrote."""
     hooks = []
     for i, name in _numbered_modules(base, ATTENTION[arch], arch).items():
         hooks.append(base.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(
             lambda m, a, k, i=i: record(i, "h_in", _layer_input(a, k)), with_kwargs=True))
         hooks.append(base.get_submodule(name).register_forward_hook(lambda m, a, out, i=i: record(i, "attn", _first(out))))
-    for i, name in _numbered_modules(base, MLP[arch], arch).items():
+    for i, name in (_numbered_modules(base, MLP[arch], arch) if mlp else {}).items():
         hooks.append(base.get_submodule(name).register_forward_hook(lambda m, a, out, i=i: record(i, "mlp", _first(out))))
     for name in names or {}:
         hooks.append(base.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: at_module(m, a, name)))
@@ -231,13 +234,15 @@ def _stream_hooks(base: torch.nn.Module, arch: str, record, at_module=None, name
 
 
 @torch.no_grad()
-def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str) -> dict[int, Stream]:
+def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, mlp: bool = False) -> dict[int, Stream]:
     """Per layer, the adapted model's Stream at the input's own positions (a soft prompt's virtual
-    positions are cut off). Works for any token adaptation: prefix (extra KV), soft prompt (extra
-    input positions), gated prefix (an extra gated attention term)."""
+    positions are cut off); the MLP output only with mlp=True (an MLP target needs it; the default
+    o-only fit would hold a third copy of every activation for nothing). Works for any token
+    adaptation: prefix (extra KV), soft prompt (extra input positions), gated prefix (an extra gated
+    attention term)."""
     parts: dict[int, dict[str, Tensor]] = {}
     record = lambda i, key, x: parts.setdefault(i, {}).__setitem__(key, input_positions(x, batch["input_ids"]))  # noqa: E731
-    with _stream_hooks(prefix_model.get_base_model(), arch, record):
+    with _stream_hooks(prefix_model.get_base_model(), arch, record, mlp=mlp):
         prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return {i: Stream(**p) for i, p in sorted(parts.items())}
 
@@ -308,6 +313,8 @@ def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[st
     (SmolLM2, o+mlp r=4: 58.7%). Sink rows therefore enter the MLP fits with target "no change"."""
     base = lora_model.get_base_model()
     names = target_modules(base, arch, spec.target)
+    if any(kind == "mlp" for _, kind in names.values()) and prefix[0][0].mlp is None:
+        raise ValueError(f"target={spec.target} fits the MLP: capture it with prefix_stream(..., mlp=True)")
     arrived = {name: [None] * len(batches) for name in names}  # per module, per micro-batch: (x, target, w)
     local, stats, errors = threading.local(), {}, []
 
@@ -323,7 +330,7 @@ def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[st
 
     def arrive(module, args, name):
         (i, kind), j, x = names[name], local.j, args[0]  # x: (B, T, d_in), this thread's micro-batch
-        p, c = prefix[j][i], local.stream[i]  # the prefix model's and this (compiled) model's layer i
+        p, c = prefix[j][i], local.stream  # the prefix model's and this (compiled) model's layer i
         if kind == "o":  # the prefix-induced change of the attention output ...
             target = p.attn - module.base_layer(x)
             if spec.match == "stream":  # ... plus what undoes earlier layers' error in the stream
@@ -339,8 +346,8 @@ def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[st
         arrived[name][j] = (x[select], target[select], w[select])
         barriers[name].wait()
 
-    def record(i, key, x):
-        local.stream.setdefault(i, {})[key] = x
+    def record(i, key, x):  # hooks fire in layer order, so only the current layer's tensors are kept
+        local.stream[key] = x
 
     def run(j: int) -> None:
         local.j, local.stream = j, {}
@@ -484,7 +491,7 @@ def compile_run(run_dir, spec: CompileSpec, out_dir, model_override: str | None 
         )
     prefix_model = load_adapter(copy.deepcopy(base), path).eval()
     calib, held_out = micro_batches(calib, MICRO_BATCH), micro_batches(held_out, MICRO_BATCH)
-    streams = [prefix_stream(prefix_model, b, model_spec.arch) for b in calib]
+    streams = [prefix_stream(prefix_model, b, model_spec.arch, mlp="mlp" in spec.target.split("+")) for b in calib]
     sinks = [find_sinks(base, b, spec.sink_ratio) for b in calib]
     weights, positions = fit_weights(calib, sinks, spec)
     lora_cfg = compiled_lora_config(spec.rank, list(names), spec.bias, model_spec.arch)

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from feta.compiler import sinks_in
 from feta.module import input_positions
 
 
@@ -34,8 +35,6 @@ class DistillModule(L.LightningModule):
         return hs, hs[-1][torch.arange(hs[-1].shape[0]), last] @ w.T  # hs[-1] is after the final norm
 
     def training_step(self, batch, batch_idx):
-        from feta.compiler import sinks_in
-
         mask = batch["attention_mask"].bool()
         with torch.no_grad():
             h_t, z_t = self._outputs(self.teacher, batch)

@@ -125,7 +125,7 @@ def test_a_weight_space_source_is_recovered_on_the_modules_it_changed(match):
     words = "good bad dull bright slow long short warm cold odd".split()
     texts = [f"Review: a {a} and {b} film, {c} at times\nSentiment:" for a in words for b in words[:6] for c in words[6:8]]  # ~1,700 tokens > 256 = d_in
     batches = micro_batches(dict(tok(texts, padding=True, return_tensors="pt")), 16)
-    streams = [prefix_stream(source, b, "gpt2") for b in batches]
+    streams = [prefix_stream(source, b, "gpt2", mlp=True) for b in batches]
     weights = [b["attention_mask"].double() for b in batches]
 
     def compiled_for(target):
@@ -166,7 +166,7 @@ def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monke
     monkeypatch.setattr(compiler, "reduced_rank_fit", spy)
     names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
     compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, False, "gpt2")).eval()
-    fit_lstsq(compiled, [prefix_stream(source, batch, "gpt2")], [batch], [weights], "gpt2",
+    fit_lstsq(compiled, [prefix_stream(source, batch, "gpt2", mlp=True)], [batch], [weights], "gpt2",
               CompileSpec(rank=2, bias=False, target="o+mlp"), [sinks])
     assert len(calls) == 4  # in forward order: layer 0 o, layer 0 mlp, layer 1 o, layer 1 mlp
     n_content, n_sinks = int(weights.gt(0).sum()), int(sinks.sum())

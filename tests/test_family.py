@@ -221,7 +221,7 @@ def test_stream_capture_is_the_whole_attention_output_at_the_inputs_positions(fa
     batch = {"input_ids": ids, "attention_mask": mask}
     arch = to_spec(cfg, "model").arch
     with torch.no_grad():
-        streams = prefix_stream(model, batch, arch)
+        streams = prefix_stream(model, batch, arch, mlp=True)
         hidden = [input_positions(h, ids) for h in model(**batch, output_hidden_states=True).hidden_states]
         blocks = model.get_base_model().transformer.h if arch == "gpt2" else model.get_base_model().model.layers
         for i in range(len(blocks) - 1):  # the last hidden state is after the final norm
