@@ -57,6 +57,10 @@ EXPLORE = {
                              "distill_hidden=layers", "bias=false"],
     "lstsq+distill_layers_200": ["rank=4", "method=lstsq+distill", "distill_steps=200", "distill_lr=3e-4",
                                  "distill_hidden=layers"],
+    "lstsq+distill_layers_last": ["rank=4", "method=lstsq+distill", "distill_steps=100", "distill_lr=3e-4",
+                                  "distill_hidden=layers"],
+    "lstsq+distill_qkvo_layers": ["rank=4", "method=lstsq+distill", "target=q+k+v+o", "distill_steps=100",
+                                  "distill_lr=3e-4", "distill_hidden=layers"],
     "distill_v": ["rank=4", "method=distill", "target=v", "distill_steps=250", "distill_lr=1e-3"],
     "distill_qkvo": ["rank=4", "method=distill", "target=q+k+v+o", "distill_steps=250", "distill_lr=1e-3"],
 }

@@ -95,9 +95,12 @@ class CompileSpec:
         parts = self.target.split("+")
         if len(set(parts)) != len(parts) or not all(parts):
             raise ValueError(f"target={self.target}: give module kinds joined by '+', each once (e.g. o or o+mlp)")
-        if "lstsq" in self.method and not set(parts) <= set(CLOSED_FORM):
-            raise ValueError(f"target={self.target} needs method=distill: the closed form ({self.method}) fits only "
+        if self.method == "lstsq" and not set(parts) <= set(CLOSED_FORM):
+            raise ValueError(f"target={self.target} needs method=distill or lstsq+distill: the closed form fits only "
                              f"per-token maps ({', '.join(CLOSED_FORM)})")
+        if self.method == "lstsq+distill" and not set(parts) & set(CLOSED_FORM):
+            raise ValueError(f"target={self.target}: lstsq+distill needs one of {', '.join(CLOSED_FORM)} in the target "
+                             "for the closed form to start from (or use method=distill)")
         if self.bias is None:  # a bias costs nothing once merged and was worth +0.6 points at r=4 (README)
             self.bias = self.method != "distill"
         if self.rank < 0:
@@ -108,7 +111,7 @@ class CompileSpec:
             raise ValueError(f"rank=0 (bias only) needs method=lstsq, got method={self.method}")
         if self.bias and self.method == "distill":
             raise ValueError("bias=true is a closed-form option: use method=lstsq or lstsq+distill")
-        for key in ("calib_size", "calib_max_length", "eval_size", "distill_batch_size"):
+        for key in ("calib_size", "calib_max_length", "eval_size", "distill_batch_size", "distill_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive int, got {getattr(self, key)}")
         if self.ridge < 0 or self.last_weight <= 0 or self.sink_ratio <= 1:
@@ -312,7 +315,8 @@ def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[st
     is made, so a map fitted without them acts hugely there and the model loses its attention sink
     (SmolLM2, o+mlp r=4: 58.7%). Sink rows therefore enter the MLP fits with target "no change"."""
     base = lora_model.get_base_model()
-    names = target_modules(base, arch, spec.target)
+    # With lstsq+distill, q/k/v start at zero (PEFT's init) and only the distillation moves them.
+    names = {n: v for n, v in target_modules(base, arch, spec.target).items() if v[1] in CLOSED_FORM}
     if any(kind == "mlp" for _, kind in names.values()) and prefix[0][0].mlp is None:
         raise ValueError(f"target={spec.target} fits the MLP: capture it with prefix_stream(..., mlp=True)")
     arrived = {name: [None] * len(batches) for name in names}  # per module, per micro-batch: (x, target, w)

@@ -4,8 +4,10 @@ The reference's approach, as a Lightning loop: the student (the compiled LoRA mo
 teacher's (the prefix model's) label-word distribution (KL) plus its hidden states (MSE):
 `distill_hidden=final` matches the last layer's output only, as the reference does, which leaves the
 intermediate layers free to drift; `layers` matches every layer's output relative to the prefix-induced
-change (the residual compile.json reports, squared), at content tokens: attention sinks, detected in
-the base model as in the closed form, are left out because their change swamps every other token's.
+change (the residual compile.json reports, squared), half at the classified token (what the label is
+read from) and half at all content tokens (what later tokens attend to; the classified token alone is
+one in ~17). Attention sinks, detected in the base model as in the closed form, are left out of the
+content half because their change swamps every other token's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from feta.compiler import sinks_in
+from feta.compiler import last_token, sinks_in
 from feta.module import input_positions
 
 
@@ -42,11 +44,12 @@ class DistillModule(L.LightningModule):
                 with self.student.disable_adapter():
                     h_b, _ = self._outputs(self.student, batch)
                 content = mask & ~sinks_in(h_b[:-1], batch, self.sink_ratio)
+                last = last_token(batch)
         h_s, z_s = self._outputs(self.student, batch)
         kl = F.kl_div(F.log_softmax(z_s, -1), F.log_softmax(z_t, -1), log_target=True, reduction="batchmean")
         if self.hidden == "layers":
-            mse = torch.stack([(s - t)[content].pow(2).sum() / (t - b)[content].pow(2).sum().clamp_min(1e-12)
-                               for s, t, b in zip(h_s, h_t, h_b)]).mean()
+            rel = lambda s, t, b, sel: (s - t)[sel].pow(2).sum() / (t - b)[sel].pow(2).sum().clamp_min(1e-12)  # noqa: E731
+            mse = torch.stack([rel(s, t, b, content) + rel(s, t, b, last) for s, t, b in zip(h_s, h_t, h_b)]).mean() / 2
         else:  # relative, so the loss scale does not depend on the model's hidden-state norm
             mse = (h_s[-1] - h_t[-1])[mask].pow(2).sum() / h_t[-1][mask].pow(2).sum()
         loss = kl + mse

@@ -304,7 +304,9 @@ def test_llama_bias_compile_reloads_and_merges(llama_prefix_run, tmp_path, targe
         (["base_model=gpt2"], ValueError, r"base_model=gpt2 but the prefix .* was trained on gpt2_tiny"),
         (["merge_dtype=int8"], ValueError, r"merge_dtype must be one of float32"),
         (["target=q", "method=distill"], ValueError, r"target=q: q is not supported for gpt2; supported: qkv, o, mlp"),
-        (["target=o+v"], ValueError, r"target=o\+v needs method=distill: the closed form \(lstsq\) fits only"),
+        (["target=o+qkv"], ValueError, r"target=o\+qkv needs method=distill or lstsq\+distill: the closed form fits only"),
+        (["target=qkv", "method=lstsq+distill"], ValueError, r"lstsq\+distill needs one of o, mlp in the target"),
+        (["distill_steps=0", "method=distill"], ValueError, r"distill_steps must be a positive int"),
         (["target=o+o"], ValueError, r"target=o\+o: give module kinds joined by '\+', each once"),
     ],
 )
@@ -345,8 +347,8 @@ def test_existing_result_is_kept_unless_overwrite(prefix_run, tmp_path):
 
 
 def test_distill_layers_loss_is_the_squared_residual_and_zero_at_the_teacher():
-    """distill_hidden=layers: per layer ‖h_student − h_prefix‖² / ‖h_prefix − h_base‖² at content tokens,
-    averaged; a student that is still the base model scores exactly 1, the teacher itself 0."""
+    """distill_hidden=layers: per layer ‖h_student − h_prefix‖² / ‖h_prefix − h_base‖², the mean of that
+    at the classified token and at content tokens, averaged over layers; a student that is still the base model scores exactly 1, the teacher itself 0."""
     from feta.distill import DistillModule
 
     base, source, batch = _tiny_prefix_source()
@@ -371,3 +373,19 @@ def test_distill_fits_attention_targets_the_closed_form_cannot(llama_prefix_run,
     assert kinds == {f"{k}_proj" for k in target.split("+")} and len(rec["target_modules"]) == 2 * len(kinds)
     assert rec["fit_stats"]["distill"]["steps"] == 6
     assert rec["residual_content_mean"] < 1.0, rec["residuals"]  # moved from the base model toward the prefix
+
+
+def test_lstsq_distill_starts_o_in_closed_form_and_trains_v_from_zero(llama_prefix_run, tmp_path):
+    """lstsq+distill with target=v+o: the closed form fits only the o_proj LoRAs (v_proj has no
+    per-token closed form); distillation then moves v_proj off PEFT's zero start."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "vo"
+    common = ("rank=2", "target=v+o", "method=lstsq+distill", "distill_hidden=layers", "distill_lr=1e-3")
+    rec = compile_prefix(compile_cfg(llama_prefix_run, *common, "distill_steps=4", "merge=true", f"out_dir={out}"))
+    assert {n.rsplit(".", 1)[-1] for n in rec["fit_stats"]["modules"]} == {"o_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in rec["target_modules"]} == {"v_proj", "o_proj"}
+    weights = load_file(str(out / "adapter/adapter_model.safetensors"))
+    v_B = [w for k, w in weights.items() if "v_proj.lora_B" in k and k.endswith("weight")]
+    assert len(v_B) == 2 and all(w.abs().max() > 0 for w in v_B)  # distillation moved them off zero
+    assert rec["bias"] is True and rec["merge"]["max_abs_logit_diff"] < 1e-4  # v_proj's lora_bias merges too
