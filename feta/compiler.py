@@ -82,6 +82,8 @@ class CompileSpec:
     distill_steps: int = field(default=100, metadata={"help": "Gradient steps for the distill methods."})
     distill_lr: float = field(default=3e-4, metadata={"help": "Learning rate for distillation."})
     distill_batch_size: int = field(default=16, metadata={"help": "Batch size for distillation."})
+    distill_schedule: str = field(default="constant", metadata={"help": "Learning-rate schedule: constant | cosine "
+                                                                        "(decay to zero over distill_steps)."})
     distill_hidden: str = field(default="final", metadata={"help": "Hidden states distillation matches: final "
                                                                    "(the last layer's) | layers (every layer's)."})
 
@@ -92,6 +94,7 @@ class CompileSpec:
         check_choice("fit_positions", self.fit_positions, ("content", "all", "last"))
         check_choice("match", self.match, ("stream", "module"))
         check_choice("distill_hidden", self.distill_hidden, ("final", "layers"))
+        check_choice("distill_schedule", self.distill_schedule, ("constant", "cosine"))
         parts = self.target.split("+")
         if len(set(parts)) != len(parts) or not all(parts):
             raise ValueError(f"target={self.target}: give module kinds joined by '+', each once (e.g. o or o+mlp)")
@@ -114,10 +117,9 @@ class CompileSpec:
         for key in ("calib_size", "calib_max_length", "eval_size", "distill_batch_size", "distill_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive int, got {getattr(self, key)}")
-        if self.ridge < 0 or self.last_weight <= 0 or self.sink_ratio <= 1:
-            raise ValueError(
-                f"need ridge >= 0, last_weight > 0, sink_ratio > 1; got {self.ridge}, {self.last_weight}, {self.sink_ratio}"
-            )
+        if self.ridge < 0 or self.last_weight <= 0 or self.sink_ratio <= 1 or self.distill_lr <= 0:
+            raise ValueError(f"need ridge >= 0, last_weight > 0, sink_ratio > 1, distill_lr > 0; got {self.ridge}, "
+                             f"{self.last_weight}, {self.sink_ratio}, {self.distill_lr}")
 
 
 # ---------------------------------------------------------------------------------------------

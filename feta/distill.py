@@ -22,11 +22,12 @@ from feta.module import input_positions
 
 class DistillModule(L.LightningModule):
     def __init__(self, student, teacher, label_ids: list[int], lr: float, hidden: str = "final",
-                 sink_ratio: float = 6.0) -> None:
+                 sink_ratio: float = 6.0, schedule: str = "constant", steps: int = 1) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher
         self.teacher.requires_grad_(False)
         self.label_ids, self.lr, self.hidden, self.sink_ratio = label_ids, lr, hidden, sink_ratio
+        self.schedule, self.steps = schedule, steps
 
     def _outputs(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
@@ -57,7 +58,13 @@ class DistillModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)
+        opt = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)
+        if self.schedule == "constant":
+            return opt
+        # Cosine decay to zero: at a constant lr 1e-3 the last steps' noise left the layers less matched
+        # (residual 0.34) than a constant 3e-4 (0.32); decaying keeps the early progress and ends quiet.
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def distill(student, teacher, datamodule, spec, seed: int) -> dict:
@@ -67,7 +74,7 @@ def distill(student, teacher, datamodule, spec, seed: int) -> dict:
         datamodule.splits["train"], batch_size=spec.distill_batch_size, shuffle=True, collate_fn=datamodule.collate,
     )
     module = DistillModule(student, teacher.eval(), datamodule.label_ids, spec.distill_lr, spec.distill_hidden,
-                           spec.sink_ratio)
+                           spec.sink_ratio, spec.distill_schedule, spec.distill_steps)
     trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         accelerator="auto", devices=1, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)

@@ -307,6 +307,7 @@ def test_llama_bias_compile_reloads_and_merges(llama_prefix_run, tmp_path, targe
         (["target=o+qkv"], ValueError, r"target=o\+qkv needs method=distill or lstsq\+distill: the closed form fits only"),
         (["target=qkv", "method=lstsq+distill"], ValueError, r"lstsq\+distill needs one of o, mlp in the target"),
         (["distill_steps=0", "method=distill"], ValueError, r"distill_steps must be a positive int"),
+        (["distill_schedule=linear", "method=distill"], ValueError, r"distill_schedule must be one of constant, cosine"),
         (["target=o+o"], ValueError, r"target=o\+o: give module kinds joined by '\+', each once"),
     ],
 )
@@ -375,6 +376,27 @@ def test_distill_layers_loss_is_the_squared_residual_and_zero_at_the_teacher():
     with torch.no_grad():
         module.training_step(batch, 0)
     assert 0.05 < expected and abs(logged["distill/mse"] - expected) < 1e-4 * expected, (logged, res)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_distill_schedule_ends_at_zero_only_when_cosine(schedule):
+    from feta.distill import DistillModule
+
+    base, _, _ = _tiny_prefix_source()
+    student = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, ["transformer.h.0.attn.c_proj"], False, "gpt2"))
+    conf = DistillModule(student, base, [0, 1], lr=3e-4, schedule=schedule, steps=10).configure_optimizers()
+    opt, sched = (conf["optimizer"], conf["lr_scheduler"]["scheduler"]) if isinstance(conf, dict) else (conf, None)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched is not None:
+            sched.step()
+    assert lrs[0] == 3e-4
+    if schedule == "cosine":
+        assert opt.param_groups[0]["lr"] < 1e-12 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    else:
+        assert lrs == [3e-4] * 10
 
 
 @pytest.mark.parametrize("target", ["v", "q+k+v+o"])
