@@ -69,6 +69,11 @@ EXPLORE = {
                                  "distill_schedule=cosine", "distill_hidden=layers"],
     "lstsq+distill_layers_cos_200": ["rank=4", "method=lstsq+distill", "distill_steps=200", "distill_lr=3e-4",
                                      "distill_schedule=cosine", "distill_hidden=layers"],
+    "lstsq+distill_qkvo_layers_cos": ["rank=4", "method=lstsq+distill", "target=q+k+v+o", "distill_steps=100",
+                                      "distill_lr=3e-4", "distill_schedule=cosine", "distill_hidden=layers"],
+    "lstsq+distill_qkvo_layers_cos_last3": ["rank=4", "method=lstsq+distill", "target=q+k+v+o", "distill_steps=100",
+                                            "distill_lr=3e-4", "distill_schedule=cosine", "distill_hidden=layers",
+                                            "last_weight=3"],
     "distill_v": ["rank=4", "method=distill", "target=v", "distill_steps=250", "distill_lr=1e-3"],
     "distill_qkvo": ["rank=4", "method=distill", "target=q+k+v+o", "distill_steps=250", "distill_lr=1e-3"],
 }

@@ -4,9 +4,9 @@ The reference's approach, as a Lightning loop: the student (the compiled LoRA mo
 teacher's (the prefix model's) label-word distribution (KL) plus its hidden states (MSE):
 `distill_hidden=final` matches the last layer's output only, as the reference does, which leaves the
 intermediate layers free to drift; `layers` matches every layer's output relative to the prefix-induced
-change (the residual compile.json reports, squared), half at the classified token (what the label is
-read from) and half at all content tokens (what later tokens attend to; the classified token alone is
-one in ~17). Attention sinks, detected in the base model as in the closed form, are left out of the
+change (the residual compile.json reports, squared), at the classified token (what the label is read
+from) and at all content tokens (what later tokens attend to; the classified token alone is one in
+~17), weighted last_weight : 1 (the closed form's weight of the classified token; 1 = half each). Attention sinks, detected in the base model as in the closed form, are left out of the
 content half because their change swamps every other token's.
 """
 
@@ -22,12 +22,12 @@ from feta.module import input_positions
 
 class DistillModule(L.LightningModule):
     def __init__(self, student, teacher, label_ids: list[int], lr: float, hidden: str = "final",
-                 sink_ratio: float = 6.0, schedule: str = "constant", steps: int = 1) -> None:
+                 sink_ratio: float = 6.0, schedule: str = "constant", steps: int = 1, last_weight: float = 1.0) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher
         self.teacher.requires_grad_(False)
         self.label_ids, self.lr, self.hidden, self.sink_ratio = label_ids, lr, hidden, sink_ratio
-        self.schedule, self.steps = schedule, steps
+        self.schedule, self.steps, self.last_weight = schedule, steps, last_weight
 
     def _outputs(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
@@ -50,7 +50,8 @@ class DistillModule(L.LightningModule):
         kl = F.kl_div(F.log_softmax(z_s, -1), F.log_softmax(z_t, -1), log_target=True, reduction="batchmean")
         if self.hidden == "layers":
             rel = lambda s, t, b, sel: (s - t)[sel].pow(2).sum() / (t - b)[sel].pow(2).sum().clamp_min(1e-12)  # noqa: E731
-            mse = torch.stack([rel(s, t, b, content) + rel(s, t, b, last) for s, t, b in zip(h_s, h_t, h_b)]).mean() / 2
+            w = self.last_weight
+            mse = torch.stack([rel(s, t, b, content) + w * rel(s, t, b, last) for s, t, b in zip(h_s, h_t, h_b)]).mean() / (1 + w)
         else:  # relative, so the loss scale does not depend on the model's hidden-state norm
             mse = (h_s[-1] - h_t[-1])[mask].pow(2).sum() / h_t[-1][mask].pow(2).sum()
         loss = kl + mse
@@ -74,7 +75,7 @@ def distill(student, teacher, datamodule, spec, seed: int) -> dict:
         datamodule.splits["train"], batch_size=spec.distill_batch_size, shuffle=True, collate_fn=datamodule.collate,
     )
     module = DistillModule(student, teacher.eval(), datamodule.label_ids, spec.distill_lr, spec.distill_hidden,
-                           spec.sink_ratio, spec.distill_schedule, spec.distill_steps)
+                           spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight)
     trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         accelerator="auto", devices=1, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)

@@ -349,7 +349,7 @@ def test_existing_result_is_kept_unless_overwrite(prefix_run, tmp_path):
 
 def test_distill_layers_loss_is_the_squared_residual_and_zero_at_the_teacher():
     """distill_hidden=layers: per layer ‖h_student − h_prefix‖² / ‖h_prefix − h_base‖², the mean of that
-    at the classified token and at content tokens, averaged over layers: the residuals compile.json
+    at content tokens and (weighted last_weight) at the classified token, averaged over layers: the residuals compile.json
     reports (layer_residuals), squared. A student that is still the base model scores exactly 1, the
     teacher itself 0."""
     from feta.compiler import layer_residuals
@@ -370,12 +370,16 @@ def test_distill_layers_loss_is_the_squared_residual_and_zero_at_the_teacher():
     for name in names:  # a student part-way: LoRA B off zero
         torch.nn.init.normal_(student.get_submodule(f"base_model.model.{name}").lora_B["default"].weight, std=0.05)
     res = layer_residuals(base, source, student, [batch], sink_ratio=6.0)
-    expected = sum((c**2 + t**2) / 2 for c, t in zip(res["content"], res["last"])) / len(res["last"])
-    module = DistillModule(student, source, [0, 1], lr=1e-3, hidden="layers")
-    module.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})
-    with torch.no_grad():
-        module.training_step(batch, 0)
-    assert 0.05 < expected and abs(logged["distill/mse"] - expected) < 1e-4 * expected, (logged, res)
+    seen = []
+    for w in (1.0, 5.0):  # last_weight: the classified token's weight against all content tokens
+        expected = sum((c**2 + w * t**2) / (1 + w) for c, t in zip(res["content"], res["last"])) / len(res["last"])
+        module = DistillModule(student, source, [0, 1], lr=1e-3, hidden="layers", last_weight=w)
+        module.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})
+        with torch.no_grad():
+            module.training_step(batch, 0)
+        assert 0.05 < expected and abs(logged["distill/mse"] - expected) < 1e-4 * expected, (w, logged, res)
+        seen.append(expected)
+    assert abs(seen[0] - seen[1]) > 1e-3 * seen[0]  # the two weightings are told apart
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
