@@ -72,7 +72,8 @@ class CompileSpec:
     fit_positions: str = field(default="content", metadata={"help": "content (no sinks) | all | last."})
     match: str = field(default="module", metadata={"help": "stream: the post-attention residual stream (corrects "
                                                           "earlier layers' error) | module: the attention output."})
-    last_weight: float = field(default=1.0, metadata={"help": "Weight of the classified (last) token in the fit (and in distill_hidden=layers)."})
+    last_weight: float = field(default=1.0, metadata={"help": "Weight of the classified (last) token in the fit "
+                                                              "(and in distill_hidden=layers)."})
     sink_ratio: float = field(default=6.0, metadata={"help": "A token is a sink if its norm > ratio x median."})
     ridge: float = field(default=1e-4, metadata={"help": "Ridge, relative to the mean eigenvalue of X^T X."})
     calib_size: int = field(default=512, metadata={"help": "Calibration sentences (training split)."})
