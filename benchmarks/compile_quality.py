@@ -74,6 +74,12 @@ EXPLORE = {
     "lstsq+distill_qkvo_layers_cos_last3": ["rank=4", "method=lstsq+distill", "target=q+k+v+o", "distill_steps=100",
                                             "distill_lr=3e-4", "distill_schedule=cosine", "distill_hidden=layers",
                                             "last_weight=3"],
+    "lstsq+distill_qkvo_layers_cos_last3_calib1": ["rank=4", "method=lstsq+distill", "target=q+k+v+o",
+                                                   "distill_steps=100", "distill_lr=3e-4", "distill_schedule=cosine",
+                                                   "distill_hidden=layers", "last_weight=3", "calib_seed=1"],
+    "lstsq+distill_qkvo_layers_cos_last3_300": ["rank=4", "method=lstsq+distill", "target=q+k+v+o",
+                                                "distill_steps=300", "distill_lr=3e-4", "distill_schedule=cosine",
+                                                "distill_hidden=layers", "last_weight=3"],
     "distill_v": ["rank=4", "method=distill", "target=v", "distill_steps=250", "distill_lr=1e-3"],
     "distill_qkvo": ["rank=4", "method=distill", "target=q+k+v+o", "distill_steps=250", "distill_lr=1e-3"],
 }

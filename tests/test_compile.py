@@ -414,6 +414,18 @@ def test_distill_fits_attention_targets_the_closed_form_cannot(llama_prefix_run,
     assert rec["residual_content_mean"] < 1.0, rec["residuals"]  # moved from the base model toward the prefix
 
 
+def test_faithful_preset_sets_the_measured_recipe_and_runs_on_llama(llama_prefix_run, tmp_path):
+    """preset=faithful is the README's most faithful r=4 row, setting for setting; it compiles end to end."""
+    cfg = compile_cfg(llama_prefix_run, "preset=faithful")
+    spec = CompileSpec(**{k: cfg[k] for k in CompileSpec.__dataclass_fields__})
+    assert (spec.rank, spec.method, spec.target, spec.bias, spec.last_weight) == (4, "lstsq+distill", "q+k+v+o", True, 3.0)
+    assert (spec.distill_steps, spec.distill_lr, spec.distill_schedule, spec.distill_hidden) == (100, 3e-4, "cosine", "layers")
+    rec = compile_prefix(compile_cfg(llama_prefix_run, "preset=faithful", "rank=2", "distill_steps=3",
+                                     f"out_dir={tmp_path / 'f'}"))
+    assert rec["fit_stats"]["distill"]["steps"] == 3 and len(rec["target_modules"]) == 8  # 2 layers x q, k, v, o
+    assert rec["residual_last_mean"] < 1.0
+
+
 def test_lstsq_distill_starts_o_in_closed_form_and_trains_v_from_zero(llama_prefix_run, tmp_path):
     """lstsq+distill with target=v+o: the closed form fits only the o_proj LoRAs (v_proj has no
     per-token closed form); distillation then moves v_proj off PEFT's zero start."""
