@@ -42,10 +42,10 @@ METHODS = {
     "bias_only": ["rank=0", "bias=true", "calib_size=256"],
     "distill": ["rank=4", "method=distill", "distill_steps=250", "distill_lr=1e-3"],
     "lstsq+distill": ["rank=4", "method=lstsq+distill", "distill_steps=100", "distill_lr=3e-4", *OLD],
-    # conf/preset/faithful.yaml: q+k+v+o, layer loss, classified token x3, cosine lr (README)
+    # conf/preset/faithful.yaml: q+k+v+o, layer loss, classified token x3, cosine lr, 300 steps (README)
     "faithful": ["rank=4", "preset=faithful"],
-    "faithful_calib1": ["rank=4", "preset=faithful", "calib_seed=1"],
-    "faithful_300": ["rank=4", "preset=faithful", "distill_steps=300"],
+    "faithful_100": ["rank=4", "preset=faithful", "distill_steps=100"],
+    "faithful_100_calib1": ["rank=4", "preset=faithful", "distill_steps=100", "calib_seed=1"],
 }
 # Attempts at better fits and at the open goal (no gradient steps, within 0.5 point, >= 97%
 # agreement), and the target-module study: run with --methods.

@@ -419,7 +419,7 @@ def test_faithful_preset_sets_the_measured_recipe_and_runs_on_llama(llama_prefix
     cfg = compile_cfg(llama_prefix_run, "preset=faithful")
     spec = CompileSpec(**{k: cfg[k] for k in CompileSpec.__dataclass_fields__})
     assert (spec.rank, spec.method, spec.target, spec.bias, spec.last_weight) == (4, "lstsq+distill", "q+k+v+o", True, 3.0)
-    assert (spec.distill_steps, spec.distill_lr, spec.distill_schedule, spec.distill_hidden) == (100, 3e-4, "cosine", "layers")
+    assert (spec.distill_steps, spec.distill_lr, spec.distill_schedule, spec.distill_hidden) == (300, 3e-4, "cosine", "layers")
     rec = compile_prefix(compile_cfg(llama_prefix_run, "preset=faithful", "rank=2", "distill_steps=3",
                                      f"out_dir={tmp_path / 'f'}"))
     assert rec["fit_stats"]["distill"]["steps"] == 3 and len(rec["target_modules"]) == 8  # 2 layers x q, k, v, o
