@@ -34,9 +34,8 @@ class DistillModule(L.LightningModule):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                     logits_to_keep=1)
         hs = [input_positions(h, batch["input_ids"]) for h in out.hidden_states[1:]]  # (B, T, d) each
-        last = batch["attention_mask"].sum(1) - 1
         w = model.get_output_embeddings().weight[self.label_ids]  # (n_labels, d)
-        return hs, hs[-1][torch.arange(hs[-1].shape[0]), last] @ w.T  # hs[-1] is after the final norm
+        return hs, hs[-1][last_token(batch)] @ w.T  # (B, n_labels); hs[-1] is after the final norm
 
     def training_step(self, batch, batch_idx):
         mask = batch["attention_mask"].bool()

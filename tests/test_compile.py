@@ -349,9 +349,9 @@ def test_existing_result_is_kept_unless_overwrite(prefix_run, tmp_path):
 
 def test_distill_layers_loss_is_the_squared_residual_and_zero_at_the_teacher():
     """distill_hidden=layers: per layer ‖h_student − h_prefix‖² / ‖h_prefix − h_base‖², the mean of that
-    at content tokens and (weighted last_weight) at the classified token, averaged over layers: the residuals compile.json
-    reports (layer_residuals), squared. A student that is still the base model scores exactly 1, the
-    teacher itself 0."""
+    at content tokens and (weighted last_weight) at the classified token, averaged over layers: the
+    residuals compile.json reports (layer_residuals), squared. A student that is still the base model
+    scores exactly 1, the teacher itself 0."""
     from feta.compiler import layer_residuals
     from feta.distill import DistillModule
 
