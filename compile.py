@@ -3,7 +3,7 @@
     python compile.py ckpt=multirun/<date>/<time>/0 rank=4
     python compile.py -m ckpt=multirun/<date>/<time>/0 rank=1,2,4,8,16,32
     python compile.py ckpt=<run> rank=4 merge=true            # also write the merged fp32 model
-    python compile.py ckpt=<run> preset=faithful              # closed form + distillation, ~25 min on CPU
+    python compile.py ckpt=<run> preset=faithful              # closed form + distillation, ~30 min on CPU
 """
 
 from __future__ import annotations
