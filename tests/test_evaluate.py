@@ -61,7 +61,7 @@ def test_sweep_eval_and_report(sweep):
     report = sweep / "report"
     table = (report / "results.csv").read_text().splitlines()
     assert len(table) == 1 + 3
-    for name in ("acc_vs_latency.png", "accuracy_summary.png", "equiv_heatmap.png"):
+    for name in ("metric_vs_latency.png", "metric_summary.png", "equiv_heatmap.png"):
         img = mpimg.imread(report / name)
         assert (report / name).stat().st_size > 10_000 and img.shape[0] > 200 and img.std() > 0.01
     assert out["skipped"] == []

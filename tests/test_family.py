@@ -194,7 +194,7 @@ def test_family_appears_in_the_sweep_report(family):
         assert ev["name"] in table
     ia3 = json.loads((root / "ia3" / "eval.json").read_text())
     assert {r["name"] for r in ia3["latency"]["rows"]} == {"base", "adapter", "merged"}  # IA3 merges
-    assert Path(root / "report" / "acc_vs_latency.png").stat().st_size > 10_000
+    assert Path(root / "report" / "metric_vs_latency.png").stat().st_size > 10_000
 
 
 def test_compile_refuses_weight_space_adapters(family):
