@@ -4,15 +4,14 @@ Every figure comes from `torch.utils.benchmark.Timer`, which sets the thread cou
 accelerator synchronizes around each timed block. Reported numbers are the median over the timed blocks
 and their interquartile range (IQR), in µs per token.
 
-Works for a plain transformers CausalLM, a PEFT LoRA model (merged or not) and a PEFT prefix-tuning
-model. PEFT injects a prefix as a key/value cache during the prefill forward; the decode loop below
-keeps that cache, so every decoded token attends to the prefix (checked in `Decoder.__init__`).
+Works for a plain transformers CausalLM and every PEFT model `feta.decoding` decodes (prefix, prompt,
+LoRA merged or not, IA3): the decode loop keeps the prefilled cache, so every decoded token attends to
+a prefix (checked by `CachedLM.prefill`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.benchmark import Measurement, Timer
+
+from feta.decoding import CachedLM, check_room
 
 PHASES = ("prefill", "decode")
 
@@ -38,35 +39,8 @@ class Setting:
             raise ValueError(f"batch must be a positive int, got {self.batch}")
 
 
-# The project's standard settings (DESIGN.md): prefill at batch 1 and 32, decode at batch 1.
+# The standard settings: prefill at batch 1 and 32, decode at batch 1.
 DEFAULT_SETTINGS = (Setting("prefill", 1), Setting("prefill", 32), Setting("decode", 1))
-
-
-def _lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def _virtual_tokens(model: torch.nn.Module) -> int:
-    """Tokens a PEFT prompt-learning adapter (prefix, prompt tuning) puts in the cache before the prompt."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not getattr(config, "is_prompt_learning", False):
-        return 0
-    return int(config.num_virtual_tokens)
-
-
-def _cache_kwarg(lm: torch.nn.Module) -> str:
-    # transformers 5.x renames `past_key_values` to `cache` (the old name warns until 5.40); a warning per
-    # decoded token would be logging inside the timed loop, so pass whichever name the model declares.
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-
-
-def _cache_of(output: Any) -> Any:
-    for key in ("cache", "past_key_values"):  # the output field was renamed along with the argument
-        if output.get(key) is not None:
-            return output[key]
-    raise RuntimeError("the model returned no KV cache; is use_cache supported by this architecture?")
 
 
 def _rewind(cache: Any, length: int) -> None:
@@ -126,33 +100,21 @@ class Decoder:
     """Greedy cached decoding of `n_tokens` tokens after one untimed prefill of `input_ids` (B, L).
 
     `__call__` replays the same decode from the same prefilled cache every time (the cache is rewound
-    first), so it can be timed repeatedly. A prefix-tuning model prefills through its PEFT forward,
-    which writes the m prefix positions into the cache; decode steps then call the wrapped transformers
-    model directly, since PEFT's forward would replace that cache with a fresh prefix-only one.
+    first), so it can be timed repeatedly. Prefill and steps are `feta.decoding.CachedLM`'s: a prefix
+    model's m positions are in the cache before the prompt, and every decoded token attends to them.
+    The rows are unpadded, so steps pass no mask and no position ids, as a single generation would.
     """
 
     def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: int) -> None:
         if n_tokens < 1:
             raise ValueError(f"decode_tokens must be a positive int, got {n_tokens}")
-        lm = _lm(model)
-        # PEFT's forward of a prompt-learning model rebuilds the prefix cache; a LoRA model's forward
-        # applies its (unmerged) adapters and is what a user would call.
-        self.step = lm if _virtual_tokens(model) else model
-        self.cache_kwarg = _cache_kwarg(lm)
+        check_room(model, input_ids.size(1), n_tokens)
+        self.lm = CachedLM(model)
         self.n_tokens = n_tokens
         with torch.inference_mode():
-            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        self.cache = _cache_of(out)
-        self.prefill_logits = out.logits[:, -1]  # (B, V)
+            self.prefill_logits, self.cache = self.lm.prefill(input_ids)  # (B, V), checked to hold the prefix
         self.first_token = self.prefill_logits.argmax(-1, keepdim=True)  # (B, 1): prefill's greedy token
         self.prefill_len = self.cache.get_seq_length()
-        expected = input_ids.size(1) + _virtual_tokens(model)
-        if self.prefill_len != expected:
-            # Guards the point of this class: without the prefix in the cache, decode would time a base model.
-            raise RuntimeError(f"prefill cache holds {self.prefill_len} positions, expected prompt + prefix = {expected}")
-        n_pos = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
-        if n_pos is not None and self.prefill_len + n_tokens > n_pos:
-            raise ValueError(f"prefix + prompt + decode_tokens = {self.prefill_len + n_tokens} > {n_pos} model positions")
 
     def __call__(self, return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Greedy tokens (B, n_tokens) generated after `first_token`; with `return_logits`, also their
@@ -163,8 +125,7 @@ class Decoder:
             _rewind(self.cache, self.prefill_len)
             token = self.first_token
             for _ in range(self.n_tokens):
-                out = self.step(input_ids=token, use_cache=True, **{self.cache_kwarg: self.cache})
-                step_logits = out.logits[:, -1]  # (B, V)
+                step_logits = self.lm.step(token, self.cache)  # (B, V)
                 token = step_logits.argmax(-1, keepdim=True)  # stays on the device: no .item() while timed
                 tokens.append(token)
                 if return_logits:

@@ -1,0 +1,228 @@
+"""Batched greedy decoding with the KV cache, alike for a transformers CausalLM and PEFT prefix, prompt,
+LoRA (merged or not) and IA3 models.
+
+PEFT's `generate()` silently drops a prefix-tuning prefix (it puts the prefix in `past_key_values`, and
+generate's own empty cache wins), so nothing here calls it. Instead `CachedLM` runs one prefill forward
+that writes the adapter's virtual tokens and the prompt into the cache, then feeds each new token to the
+transformers model with that cache.
+
+Prompts are left-padded inside: every row's last prompt token then sits in the last column, so the
+prefill's last logits are every row's next-token logits, and each decode step appends one column for
+all rows. Padded positions are masked out, and position ids count real tokens only, so a row decodes
+as if it were alone. Callers may pass right- or left-padded batches (`left_align`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+import torch
+from peft import PeftType
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def virtual_tokens(model: torch.nn.Module) -> int:
+    """Tokens a PEFT prompt-learning adapter (prefix, prompt tuning) puts in the cache before the prompt."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    return int(config.num_virtual_tokens)
+
+
+def _is_prefix(model: torch.nn.Module) -> bool:
+    """A prompt-learning adapter whose virtual tokens are keys/values (prefix tuning), not input embeddings."""
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and config.peft_type == PeftType.PREFIX_TUNING
+
+
+def _cache_kwarg(lm: torch.nn.Module) -> str:
+    # transformers 5.x renames `past_key_values` to `cache` (the old name warns until 5.40); a warning per
+    # decoded token would be logging inside a timed loop, so pass whichever name the model declares.
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    for key in ("cache", "past_key_values"):  # the output field was renamed along with the argument
+        if output.get(key) is not None:
+            return output[key]
+    raise RuntimeError("the model returned no KV cache; is use_cache supported by this architecture?")
+
+
+def model_positions(model: torch.nn.Module) -> int | None:
+    """How many positions the model embeds (None: no limit declared)."""
+    config = inner_model(model).config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def check_room(model: torch.nn.Module, prompt_len: int, new_tokens: int) -> None:
+    """Raise ValueError when virtual tokens + prompt + new tokens exceed the model's positions
+    (GPT-2 would index past its position table; a rotary model would extrapolate silently)."""
+    n_pos = model_positions(model)
+    total = virtual_tokens(model) + prompt_len + new_tokens
+    if n_pos is not None and total > n_pos:
+        raise ValueError(f"prefix + prompt + new tokens = {total} > {n_pos} model positions; "
+                         "shorten the prompts or generate fewer tokens")
+
+
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token among its row's real tokens (0 on left padding)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same prompts with every row's real tokens moved to the right end, in order (left padding)."""
+    mask = attention_mask.long()
+    # A stable sort on the mask puts the 0s (padding) first and keeps the real tokens' order.
+    order = torch.sort(mask, dim=1, stable=True).indices
+    return input_ids.gather(1, order), mask.gather(1, order)
+
+
+class CachedLM:
+    """Prefill-then-step access to a model: `prefill` runs the prompt (after the adapter's virtual tokens)
+    and returns the cache; `step` feeds new tokens with that cache.
+
+    Prefix tuning prefills through PEFT's forward, which writes the m prefix positions into the cache and
+    offsets given position ids by m. Prompt tuning prefills the transformers model with the virtual
+    tokens' embeddings put before the prompt's: PEFT's forward would do the same but drops position
+    ids, which left padding needs. Steps of both call the transformers model, since PEFT's forward
+    would replace the cache (prefix) or insert the virtual tokens again (prompt). LoRA and IA3 models
+    go through their PEFT forward everywhere.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.lm = inner_model(model)
+        self.virtual = virtual_tokens(model)
+        self.stepper = self.lm if self.virtual else model
+        self.cache_kwarg = _cache_kwarg(self.lm)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, Any]:
+        """(B, V) logits after the last column of `input_ids` (B, L), and the KV cache of virtual tokens +
+        prompt. `attention_mask` (1 = real token) must be left padding; None means no padding."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = positions_of(attention_mask)
+        kwargs = {"use_cache": True, "logits_to_keep": 1}
+        if self.virtual and not _is_prefix(self.model):
+            m = self.virtual
+            prompts = self.model.get_prompt(batch_size=batch)
+            words = self.lm.get_input_embeddings()(input_ids)
+            virtual_pos = torch.arange(m, device=input_ids.device).expand(batch, m)
+            out = self.lm(inputs_embeds=torch.cat([prompts.to(words.dtype), words], dim=1),
+                          attention_mask=torch.cat([attention_mask.new_ones(batch, m), attention_mask], dim=1),
+                          position_ids=torch.cat([virtual_pos, positions + m], dim=1), **kwargs)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
+        cache = _cache_of(out)
+        expected = length + self.virtual
+        if cache.get_seq_length() != expected:
+            # Without the virtual tokens in the cache, decoding would silently run the base model.
+            raise RuntimeError(f"prefill cache holds {cache.get_seq_length()} positions, "
+                               f"expected prompt + prefix = {expected}")
+        return out.logits[:, -1], cache
+
+    def step(self, tokens: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V) next-token logits after feeding `tokens` (B, 1); the cache grows by one position.
+        `attention_mask` covers the whole cache plus the new token; None (with no position ids) means
+        no padding anywhere, and positions continue from the cache length."""
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        out = self.stepper(input_ids=tokens, use_cache=True, **{self.cache_kwarg: cache},
+                           **{k: v for k, v in kwargs.items() if v is not None})
+        return out.logits[:, -1]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode inside the block (dropout would make greedy decoding random), each module's mode
+    restored after: a LightningModule may keep parts of its model in different modes."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  max_new_tokens: int, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+    """(B, max_new_tokens) greedy continuations of the prompts `input_ids` (B, L), padded with
+    `pad_token_id` after each row's EOS (the EOS itself kept). Stops once every row has produced EOS.
+
+    `attention_mask` marks real tokens (1); rows may be left- or right-padded. Runs in eval mode.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens}")
+    ids, mask = left_align(input_ids, attention_mask)
+    lengths = mask.sum(1)
+    if bool((lengths == 0).any()):
+        raise ValueError("a prompt has no tokens; greedy decoding needs at least one to condition on")
+    check_room(model, ids.size(1), max_new_tokens)
+    lm = CachedLM(model)
+    batch = ids.size(0)
+    out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=ids.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    with _eval_mode(model), torch.inference_mode():
+        logits, cache = lm.prefill(ids, mask)
+        # The cache holds [virtual tokens | padding + prompt]; every new token is a real one.
+        full_mask = torch.cat([mask.new_ones(batch, lm.virtual), mask], dim=1)
+        next_pos = (lengths + lm.virtual).unsqueeze(1)  # virtual tokens take positions 0..m-1
+        for t in range(max_new_tokens):
+            token = logits.argmax(-1).masked_fill(done, pad_token_id)
+            out[:, t] = token
+            if eos_token_id is not None:
+                done |= token == eos_token_id
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            full_mask = torch.cat([full_mask, mask.new_ones(batch, 1)], dim=1)
+            logits = lm.step(token.unsqueeze(1), cache, full_mask, next_pos + t)
+    return out
+
+
+def _continuation(tokenizer, ids: list[int], eos_token_id: int | None) -> str:
+    if eos_token_id is not None and eos_token_id in ids:
+        ids = ids[: ids.index(eos_token_id)]
+    # Generated text follows the prompt, so it usually starts with the space separating it from it.
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def decode_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                 max_length: int) -> list[str]:
+    """Greedy continuation text of each prompt (EOS and padding removed, surrounding spaces stripped),
+    in the prompts' order.
+
+    Prompts are tokenized as in training (with the tokenizer's special tokens) and keep their last
+    `max_length` tokens: the end of a prompt is where its template asks for the answer. Batches group
+    prompts of similar length, so little compute goes to padding.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+    encoded = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    texts: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            if encoded[i]:
+                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]):] = 1
+        generated = greedy_decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, pad)
+        for r, i in enumerate(rows):
+            texts[i] = _continuation(tokenizer, generated[r].tolist(), eos)
+    return texts
