@@ -323,6 +323,32 @@ def _give_biases(model) -> None:
     model.config.mlp_bias = model.config.mlp_bias or mlp
 
 
+@torch.no_grad()
+def lora_delta_weights(peft_model) -> dict[str, torch.Tensor]:
+    """The exact change each LoRA module makes: ΔW = scale·B·A (and Δb = scale·b_B with lora_bias),
+    computed in float64 from the adapter's own factors and summed over the module's active adapters.
+
+    Keyed by the base model's parameter name (`<module>.weight`, `<module>.bias`) and in that
+    parameter's layout (GPT-2's Conv1D stores (in, out)), so it lines up with the base model's
+    `named_parameters()`. The one source of LoRA deltas: task vectors and the equivalence analysis
+    both read it.
+    """
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in peft_model.get_base_model().named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        for adapter in (a for a in module.active_adapters if a in module.lora_A):
+            scale = module.scaling[adapter]
+            delta = scale * (module.lora_B[adapter].weight.double() @ module.lora_A[adapter].weight.double())
+            parts = {"weight": delta.T if module.fan_in_fan_out else delta}
+            if module.lora_B[adapter].bias is not None:
+                parts["bias"] = scale * module.lora_B[adapter].bias.double()
+            for part, d in parts.items():
+                key = f"{name}.{part}"
+                deltas[key] = deltas[key] + d if key in deltas else d
+    return deltas
+
+
 def merged_copy(peft_model):
     """A merged deep copy of a LoRA PeftModel (the adapter folded into the weights), in its dtype.
 

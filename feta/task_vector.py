@@ -18,15 +18,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from feta.adapters import lora_delta_weights, merged_copy
+
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PEFT_PREFIX = "base_model.model."
 
 
 # ---------------------------------------------------------------------------------------------
 # Pure math: tensors in, numbers out.
 
 
-def compare(tau: Tensor, delta: Tensor) -> dict[str, float]:
+def compare_task_vector(tau: Tensor, delta: Tensor) -> dict[str, float]:
     """τ against the exact delta, both promoted to float64 (fp32 dot products of 10^6 terms lose
     enough digits to report a cosine above 1)."""
     tau, delta = tau.double().flatten(), delta.double().flatten()
@@ -49,32 +50,11 @@ def compare(tau: Tensor, delta: Tensor) -> dict[str, float]:
 # Model walking: exact deltas from the adapter, the merged model's parameters.
 
 
-def lora_deltas(peft_model) -> dict[str, Tensor]:
-    """Exact float64 ΔW (and Δb for lora_bias) per base parameter name, in the base layout."""
-    adapter = peft_model.active_adapter
-    deltas = {}
-    for name, module in peft_model.named_modules():
-        if not hasattr(module, "lora_A") or adapter not in module.lora_A:
-            continue
-        A = module.lora_A[adapter].weight.double()  # (r, d_in)
-        B = module.lora_B[adapter].weight.double()  # (d_out, r)
-        scale = module.scaling[adapter]
-        delta = scale * (B @ A)  # (d_out, d_in)
-        key = name.removeprefix(PEFT_PREFIX)
-        # GPT-2's Conv1D stores W as (d_in, d_out).
-        deltas[f"{key}.weight"] = delta.T if peft_model.peft_config[adapter].fan_in_fan_out else delta
-        if module.lora_B[adapter].bias is not None:
-            deltas[f"{key}.bias"] = scale * module.lora_B[adapter].bias.double()
-    return deltas
-
-
 def task_vector_table(base_model, lora_model, precision: str) -> pd.DataFrame:
     """One row per parameter tensor of the merged model: τ = merged(precision) − base(fp32)."""
-    from feta.adapters import merged_copy
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    deltas = lora_deltas(lora_model)
+    deltas = lora_delta_weights(lora_model)
     merged = merged_copy(copy.deepcopy(lora_model).to(PRECISIONS[precision]))
     base = dict(base_model.named_parameters())
     rows = []
@@ -83,7 +63,7 @@ def task_vector_table(base_model, lora_model, precision: str) -> pd.DataFrame:
         tau = w.detach().double() - w_base.double()
         delta = deltas.get(name, torch.zeros_like(tau))
         rows.append({"tensor": name, "shape": "x".join(map(str, w.shape)), "numel": w.numel(),
-                     "lora": name in deltas, **compare(tau, delta)})
+                     "lora": name in deltas, **compare_task_vector(tau, delta)})
     missing = sorted(set(deltas) - {r["tensor"] for r in rows})
     if missing:
         raise ValueError(f"LoRA deltas without a merged parameter: {missing[:3]}; the merge lost them")

@@ -188,14 +188,14 @@ def test_jvp_matches_finite_difference_of_real_module(arch):
 
 @pytest.mark.parametrize("arch,targets", [("gpt2", ["c_attn", "c_proj"]),
                                           ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"])])
-def test_lora_deltas_reproduce_peft_lora(arch, targets):
+def test_lora_deltas_by_layer_reproduce_peft_lora(arch, targets):
     model, tok = load_base_model(SPECS[arch])
     lora = build_adapter(model, tok, LoraSpec(r=4, targets=targets), arch).to(F64).eval()
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-        deltas = eq.lora_deltas(lora)
+        deltas = eq.lora_deltas_by_layer(lora)
         assert sorted(deltas[0]) == ["k", "o", "q", "v"]
         ids, mask = data()
         inputs, _ = eq.capture_inputs(lora, ids, mask)

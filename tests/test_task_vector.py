@@ -11,7 +11,7 @@ import torch
 from omegaconf import open_dict
 
 from evaluate import evaluate
-from feta.task_vector import compare
+from feta.task_vector import compare_task_vector
 from tests.conftest import compose_cfg, tiny_train_cfg
 from train import train
 
@@ -70,7 +70,7 @@ def test_bad_precision_names_the_field(runs):
 def test_cosine_is_at_most_one_and_exact_for_parallel_tensors():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 1000, generator=g)  # 10^6 terms: a float32 dot product can exceed 1
-    assert 1 - 1e-12 < compare(x, x)["cosine"] <= 1.0
-    assert compare(3 * x, x)["cosine"] <= 1.0 and compare(-x, x)["cosine"] == pytest.approx(-1.0)
-    zero = compare(torch.zeros(3), torch.zeros(3))
+    assert 1 - 1e-12 < compare_task_vector(x, x)["cosine"] <= 1.0
+    assert compare_task_vector(3 * x, x)["cosine"] <= 1.0 and compare_task_vector(-x, x)["cosine"] == pytest.approx(-1.0)
+    zero = compare_task_vector(torch.zeros(3), torch.zeros(3))
     assert zero["changed"] is False and zero["max_abs_diff"] == 0.0
