@@ -1,4 +1,4 @@
-"""Compile a trained prefix into a LoRA adapter that merges into the base model (feta/compiler.py).
+"""Compile a trained prefix into a LoRA adapter that merges into the base model (feta/compile/).
 
     python compile.py ckpt=multirun/<date>/<time>/0 rank=4
     python compile.py -m ckpt=multirun/<date>/<time>/0 rank=1,2,4,8,16,32
@@ -8,48 +8,38 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
-from feta.compiler import CompileSpec, compile_run, merge_compiled
-from feta.tracking import log_artifact, make_logger, task_wrapper
+from feta.compile import compile_run, merge_compiled
+from feta.compile.spec import CompileConfig, CompileSpec
+from feta.errors import UserError
+from feta.tracking import log_artifact, make_logger, run_main, task_wrapper, use_artifact
 
 log = logging.getLogger("feta")
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def out_dir_for(cfg: DictConfig, spec: CompileSpec) -> Path:
-    if cfg.out_dir:
-        return Path(cfg.out_dir)
-    name = (f"compiled-r{spec.rank}" + ("" if spec.method == "lstsq" else f"-{spec.method}")
-            + ("" if spec.target == "o" else f"-{spec.target.replace('+', '_')}")
-            + ("-nobias" if not spec.bias and spec.method != "distill" else ""))
-    return Path(cfg.ckpt) / name
 
 
 @task_wrapper
 def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
-    spec = CompileSpec(**{f.name: cfg[f.name] for f in dataclasses.fields(CompileSpec)})
-    if cfg.merge_dtype not in DTYPES:
-        raise ValueError(f"merge_dtype must be one of {', '.join(DTYPES)}, got {cfg.merge_dtype!r}")
-    out = out_dir_for(cfg, spec)
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=true to replace it or out_dir=<another dir>")
+    settings: CompileConfig = OmegaConf.to_object(cfg)  # runs every check before anything is read or written
+    spec = CompileSpec(**{name: getattr(settings, name) for name in CompileSpec.__dataclass_fields__})
+    out = Path(settings.out_dir) if settings.out_dir else Path(settings.ckpt) / spec.dir_name
+    if out.exists() and not settings.overwrite:
+        raise UserError(f"out_dir={out}", "exists", "pass overwrite=true to replace it, or out_dir=<another dir>")
 
-    record = compile_run(cfg.ckpt, spec, out, model_override=cfg.base_model)
-    if cfg.merge:
-        record["merge"] = merge_compiled(out, cfg.merge_dtype)
-        runs.write_json(out / "compile.json", record)
-    log.info(f"compiled r={spec.rank} in {record['fit_time_s']:.0f} s; residual at the classified token, "
+    record = compile_run(settings.ckpt, spec, out, model_override=settings.base_model)
+    if settings.merge:
+        record["merge"] = merge_compiled(out, settings.merge_dtype)
+        runs.write_json(out / runs.COMPILE, record)
+    log.info(f"compiled r={spec.rank} in {record['fit_time_s']:.0f} s; residual at the scored positions, "
              f"final layer {record['residual_last_final']:.3f}, mean {record['residual_last_mean']:.3f}; {out}")
 
-    source = runs.read_json(Path(cfg.ckpt) / runs.METRICS) if runs.is_finished(cfg.ckpt) else {}
+    source = runs.read_json(Path(settings.ckpt) / runs.METRICS) if runs.is_finished(settings.ckpt) else {}
     logger = make_logger(cfg, out, job_type="compile", name=f"{source.get('name', 'prefix')}->r{spec.rank}",
                          group=source.get("wandb_group"))
     if logger is not None:
@@ -57,13 +47,15 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
             for layer, value in enumerate(record["residuals"][key]):
                 logger.log_metrics({f"residual/{key}": value, "layer": layer})
         logger.log_metrics({k: record[k] for k in ("residual_last_final", "residual_last_mean", "fit_time_s")})
-        log_artifact(logger, out / runs.ADAPTER, name=f"compiled-{out.parent.name}-{out.name}", type_="adapter")
+        use_artifact(logger, source.get("artifact"), Path(settings.ckpt) / runs.ADAPTER)
+        log_artifact(logger, out / runs.ADAPTER, name=f"{source.get('artifact', 'adapter')}-{out.name}", type_="adapter")
     return record
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="compile")
-def main(cfg: DictConfig) -> float:
-    return compile_prefix(cfg)["residual_last_mean"]
+def main(cfg: DictConfig) -> float | None:
+    record = run_main(compile_prefix, cfg)
+    return None if record is None else record["residual_last_mean"]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Train one adapter (prefix, LoRA, prompt, IA3, gated prefix) on SST-2 and write a run directory (feta/runs.py).
+"""Train one adapter (prefix, LoRA, prompt, IA3, gated prefix) on a task and write a run directory (feta/runs.py).
 
     python train.py                                   # SmolLM2 + text-initialized prefix, offline
     python train.py -m adapter=prefix adapter.m=8,16,32
     python train.py -m experiment=quickstart          # the README's offline quickstart
+    python train.py data=agnews adapter=lora          # 4-class topics; data=e2e: data-to-text generation
     python train.py output_dir=<run dir>              # resume an interrupted run
 """
 
@@ -20,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
 from feta.adapters import build_adapter, run_name, trainable_parameters
-from feta.data import SST2DataModule
+from feta.data import TaskDataModule, TaskKind
 from feta.devices import job_devices
 from feta.models import load_base_model
-from feta.module import LabelWordClassifier
 from feta.schema import to_spec
-from feta.tracking import log_artifact, make_logger, output_dir, sweep_group, task_wrapper
+from feta.tracking import artifact_name, log_artifact, make_logger, output_dir, run_main, sweep_group, task_wrapper
+from feta.training import ClassifierModule, GeneratorModule
 
 log = logging.getLogger("feta")
 
@@ -49,8 +50,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     peft_model = build_adapter(base, tokenizer, adapter_spec, model_spec.arch, model_spec.name, data_spec.max_length)
     n_trainable = trainable_parameters(peft_model)
     log.info(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in peft_model.parameters()):,}")
-    datamodule = SST2DataModule(data_spec, tokenizer, seed=cfg.seed)
-    module = LabelWordClassifier(peft_model, datamodule.label_ids, lr=adapter_spec.lr)
+    datamodule = TaskDataModule(data_spec, tokenizer, seed=cfg.seed)
+    datamodule.setup()  # reads and checks the data files before any training
+    task = datamodule.task
+    if task.kind is TaskKind.classification:
+        module = ClassifierModule(peft_model, task.verbalizer_ids, lr=adapter_spec.lr)
+    else:
+        module = GeneratorModule(peft_model, lr=adapter_spec.lr)
 
     name = run_name(adapter_spec)
     group = sweep_group(cfg, run_dir)
@@ -70,9 +76,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     train_time = time.perf_counter() - start
 
+    scores = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics = {
-        "val_acc": float(trainer.callback_metrics["val/acc"]),
-        "val_loss": float(trainer.callback_metrics["val/loss"]),
+        **scores,  # val_acc and val_macro_f1 (classification), val_loss, val_token_acc (generation)
+        "task": task.kind.value,
+        # Generation's BLEU needs decoding (evaluate.py); training reports the teacher-forced loss.
+        "main_metric": "val_acc" if task.kind is TaskKind.classification else "val_loss",
         "val_size": len(datamodule.splits["validation"]),
         "global_step": trainer.global_step,
         "resumed_from_step": module.start_step,
@@ -82,6 +91,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "model": model_spec.name,
         "adapter": adapter_spec.kind,
         "name": name,
+        "data": data_spec.name,
+        "artifact": artifact_name(model_spec.name, name),
         "wandb_group": group,
         "pid": os.getpid(),  # which process ran the job (tests check that parallel jobs really are parallel)
         "started_at": started_at,
@@ -91,17 +102,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if not trainer.is_global_zero:  # DDP: only rank 0 writes the run directory
         return metrics, {}
     peft_model.save_pretrained(str(run_dir / runs.ADAPTER))
+    main = metrics["main_metric"]
     if logger is not None:
-        logger.log_metrics({"final/val_acc": metrics["val_acc"], "final/trainable_params": n_trainable})
-        log_artifact(logger, run_dir / runs.ADAPTER, name=f"adapter-{name}", type_="adapter")
+        logger.log_metrics({f"final/{main}": metrics[main], "final/trainable_params": n_trainable})
+        log_artifact(logger, run_dir / runs.ADAPTER, name=metrics["artifact"])
     runs.write_json(run_dir / runs.METRICS, metrics)  # last: its presence marks the run finished
-    log.info(f"val_acc={metrics['val_acc']:.4f} on {metrics['val_size']} sentences ({train_time:.0f} s); {run_dir}")
+    log.info(f"{main}={metrics[main]:.4f} on {metrics['val_size']} validation inputs ({train_time:.0f} s); {run_dir}")
     return metrics, {"model": peft_model, "tokenizer": tokenizer, "datamodule": datamodule, "trainer": trainer}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
-    return train(cfg)[0]["val_acc"]  # the value a Hydra sweeper optimizes
+def main(cfg: DictConfig) -> float | None:
+    result = run_main(train, cfg)
+    if result is None:  # a multirun job refused its settings (reported above)
+        return None
+    metrics = result[0]
+    return metrics[metrics["main_metric"]]  # the value a Hydra sweeper optimizes
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Compiles the prefix with each method into <run>/bench-<method>/, evaluates it on the validation set
 (evaluate.py's code), and prints one markdown table; also writes benchmarks/results/compile_quality.csv.
-Targets (issue 4/10): default r=4 within 1.5 points of the prefix, >= 94% agreement, <= 2 min;
+Targets: default r=4 within 1.5 points of the prefix, >= 94% agreement, <= 2 min;
 distill methods within 0.5 point, >= 95% agreement; at r=4 within 1.0 point, >= 95% agreement and a
 mean per-layer residual <= 0.3 (met by preset=faithful); merged prefill latency <= 1.02x base.
 """
@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))  # compile.py, the entry point whose exact code pa
 from compile import compile_prefix  # noqa: E402
 from feta import runs  # noqa: E402
 from feta.evaluation import evaluate_run  # noqa: E402
-# Each name's settings are the exact ones measured for the README (defaults as of this file: r=4,
-# closed form, bias, 512 calibration sentences); rows measured before a default changed pin the old one.
-OLD = ["bias=false", "calib_size=256"]  # the defaults before session 3
+# Each name's settings are the exact ones measured for docs/results/compile_methods.md; rows measured
+# without a bias and with 256 calibration sentences pin those two settings.
+OLD = ["bias=false", "calib_size=256"]
 METHODS = {
     "all_tokens": ["rank=4", "fit_positions=all", *OLD],
     "default": ["rank=4"],

@@ -31,7 +31,7 @@ from feta.latency import Setting, compare  # noqa: E402
 from feta.models import ModelSpec, load_base_model  # noqa: E402
 
 TARGET = 1.02  # merged LoRA and compiled prefix must cost the base model, within this ratio
-NOISE = 0.05  # two CPU runs of the same model differ by up to 5% (notes/findings.md)
+NOISE = 0.05  # two CPU runs of the same model differ by up to 5% (docs/results/latency.md)
 
 # (setting, repeats): batch-32 prefill runs take seconds on 2 cores, so it gets fewer rounds.
 FULL = dict(prompt_len=64, decode_tokens=32, min_run_time=0.3,

@@ -6,6 +6,7 @@ This is the only module that builds PEFT configs. Each spec checks its own value
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from hydra.core.config_store import ConfigStore
 from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig,
-                  get_peft_model)
+                  get_peft_model, initialize_kv_prefix_from_text)
 
-from feta.schema import check_choice
+from feta.errors import check_choice
+from feta.models import max_positions
 
 # Where LoRA goes when `adapter.targets` is null, per architecture family (ModelSpec.arch).
 DEFAULT_LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
@@ -26,7 +28,7 @@ DEFAULT_IA3_FEEDFORWARD = {"gpt2": ["mlp.c_proj"], "llama": ["down_proj"]}
 # model_type values PEFT's AdaptionPromptConfig (LLaMA-Adapter) knows how to wrap.
 GATED_PREFIX_MODEL_TYPES = ("gpt2", "llama", "mistral")
 # Text whose key/value cache starts a prefix (PEFT's text init): real text keeps the model on its
-# manifold, where a random prefix first destroys it (65.5% vs 87.6% on SmolLM2, notes/findings.md).
+# manifold, where a random prefix first destroys it (65.5% vs 87.6% on SmolLM2, docs/results/family.md).
 DEFAULT_INIT_TEXT = (
     "Classify the sentiment of each movie review as positive or negative. Read the whole review, "
     "weigh praise against criticism, and answer with one word: positive or negative."
@@ -232,7 +234,7 @@ def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: st
         # PEFT needs the layer count itself; null means all layers.
         spec = dataclasses.replace(spec, layers=spec.layers or model.config.num_hidden_layers)
     if isinstance(spec, (PrefixSpec, PromptSpec)):  # both take m positions before the input's
-        n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        n_pos = max_positions(model.config)
         if n_pos is not None and max_length and spec.m + max_length > n_pos:
             raise ValueError(
                 f"adapter.m + data.max_length = {spec.m} + {max_length} > {n_pos} positions of {model_name}; "
@@ -242,8 +244,6 @@ def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: st
     if isinstance(spec, PromptSpec) and spec.init == "text":
         _init_prompt_from_text(peft_model, tokenizer, spec)
     if isinstance(spec, PrefixSpec) and spec.init == "text":
-        from peft import initialize_kv_prefix_from_text
-
         n_tokens = len(tokenizer(spec.init_text, add_special_tokens=False)["input_ids"])
         if n_tokens < spec.m:
             raise ValueError(
@@ -355,8 +355,6 @@ def merged_copy(peft_model):
     safe_merge=True: PEFT's plain merge can change layer 0 before it raises on a later layer, and a
     retry then counts it twice; safe_merge checks the merged weights before touching the model.
     """
-    import copy
-
     model = copy.deepcopy(peft_model)
     if getattr(model.peft_config[model.active_adapter], "lora_bias", False):  # IA3 has none
         _give_biases(model.get_base_model())
@@ -364,21 +362,10 @@ def merged_copy(peft_model):
 
 
 @torch.no_grad()
-def merge_and_save(base_model, adapter_path, out_path, dtype: str, check_inputs: dict) -> float:
-    """Merge a saved LoRA into `base_model` in `dtype`, save it as safetensors, and return the max
-    abs difference between merged and unmerged logits on `check_inputs` (measured in float32)."""
-    import os
-    import shutil
-    from pathlib import Path
-
+def merge_checked(base_model, adapter_path, dtype: str, check_inputs: dict) -> tuple[torch.nn.Module, float]:
+    """Merge a saved LoRA into `base_model` in `dtype`; returns the merged model and the max abs
+    difference between merged and unmerged logits on `check_inputs` (measured in float32)."""
     peft_model = load_adapter(base_model, adapter_path).eval()
     unmerged = peft_model(**check_inputs).logits.float()
     merged = merged_copy(peft_model.to(getattr(torch, dtype)))
-    diff = float((merged(**check_inputs).logits.float() - unmerged).abs().max())
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    shutil.rmtree(out_path, ignore_errors=True)
-    os.replace(tmp, out_path)
-    return diff
+    return merged, float((merged(**check_inputs).logits.float() - unmerged).abs().max())

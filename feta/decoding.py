@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from peft import PeftType
+from feta.models import max_positions
 
 
 def inner_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,8 +58,7 @@ def _cache_of(output: Any) -> Any:
 
 def model_positions(model: torch.nn.Module) -> int | None:
     """How many positions the model embeds (None: no limit declared)."""
-    config = inner_model(model).config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return max_positions(inner_model(model).config)
 
 
 def check_room(model: torch.nn.Module, prompt_len: int, new_tokens: int) -> None:

@@ -1,6 +1,6 @@
 """Which device a job trains on when a parallel launcher runs several jobs on one multi-GPU machine.
 
-No Hydra launcher assigns GPUs (notes/findings.md): with `hydra/launcher=local_parallel` every job
+No Hydra launcher assigns GPUs: with `hydra/launcher=local_parallel` every job
 would otherwise pick GPU 0. A one-GPU job claims a GPU of its own with an exclusive lock file in the
 sweep directory (`.gpu<i>.lock`), starting from GPU `hydra.job.num % n_gpus`. A joblib worker keeps its
 lock until it starts its next job, so with `n_jobs` = number of GPUs no two running jobs share one.

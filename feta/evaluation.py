@@ -1,109 +1,71 @@
-"""Evaluate one run (prefix, LoRA, or compiled): accuracy on SST-2 validation, agreement with the
-source prefix, latency against the base model, residuals; written to <run>/eval.json."""
+"""Evaluate one run (an adapter or a compiled prefix) on its task's validation split: the task's metrics,
+agreement with the source prefix, latency against the base model; written to <run>/eval.json.
+
+Classification: accuracy, macro-F1, per-class accuracy, confusion (torchmetrics, the code path training
+validates with). Generation: greedy outputs through feta's cached decoder (outputs.jsonl), corpus BLEU
+against all references (sacrebleu) and ROUGE-L.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from feta import runs
+from feta import latency, runs
 from feta.adapters import WEIGHT_KINDS, load_adapter, merged_copy
-from feta.data import SST2DataModule
+from feta.data import DataSpec, TaskDataModule, TaskKind
+from feta.decoding import decode_texts
+from feta.equivalence import analyze
+from feta.errors import UserError
+from feta.metrics import classification_report, generation_metrics
 from feta.models import load_base_model
-from feta.module import LabelWordClassifier
+from feta.scoring import scored_logits
+from feta.training import ClassifierModule
 
-EVAL, COMPILE = runs.EVAL, runs.COMPILE
-
-
-@dataclass
-class Target:
-    """What a run directory holds, resolved to models."""
-
-    run_dir: Path
-    kind: str  # an adapter kind (feta.adapters.SPECS) or compiled
-    name: str
-    cfg: Any  # the (source) training run's config
-    record: dict  # metrics.json or compile.json
-    source_dir: Path | None = None  # compiled: the prefix run it came from
+OUTPUTS = "outputs.jsonl"
 
 
-def find_runs(path: Path) -> list[Path]:
-    """`path` itself if it is a run or compiled dir (with its compiled dirs), else every one below it."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"ckpt={path}: no such directory")
-    found = runs.run_dirs(path)
-    if not found:
-        raise FileNotFoundError(f"no runs under ckpt={path}: run `python train.py -m ...` first, then evaluate.py ckpt=<its sweep dir>")
-    return found
-
-
-def resolve(run_dir: Path) -> Target:
-    """Read and validate a run or compiled directory (errors name what is missing)."""
-    run_dir = Path(run_dir)
-    if (run_dir / COMPILE).is_file():
-        record = runs.read_json(run_dir / COMPILE)
-        source = Path(record["source_run"])
-        cfg = runs.load_run_config(source)
-        runs.adapter_dir(run_dir)
-        source_kind = "" if cfg.adapter.kind == "prefix" else f"{cfg.adapter.kind}-"
-        name = (f"compiled-{source_kind}m{cfg.adapter.m}-r{record['rank']}"
-                + ("" if record["method"] == "lstsq" else f"-{record['method']}"))
-        return Target(run_dir, "compiled", name, cfg, record, source)
-    cfg = runs.load_run_config(run_dir)
-    if not runs.is_finished(run_dir):
-        raise FileNotFoundError(f"{run_dir}: training did not finish (no complete {runs.METRICS}); rerun train.py with output_dir={run_dir}")
-    runs.adapter_dir(run_dir)
-    record = runs.read_json(run_dir / runs.METRICS)
-    return Target(run_dir, cfg.adapter.kind, record["name"], cfg, record)
-
-
-def load_models(target: Target):
-    """(model with its adapter, tokenizer, datamodule) for a target."""
-    model_spec, data_spec, _ = runs.run_specs(target.cfg)
+def load_models(run: runs.ResolvedRun):
+    """(model with its adapter, tokenizer, model spec, data spec) for a resolved run."""
+    model_spec, data_spec, _ = runs.run_specs(run.cfg)
     base, tokenizer = load_base_model(model_spec)
-    model = load_adapter(base, target.run_dir / runs.ADAPTER).eval()
+    model = load_adapter(base, run.run_dir / runs.ADAPTER).eval()
     return model, tokenizer, model_spec, data_spec
 
 
-def predict(model, datamodule: SST2DataModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted labels, true labels) over the validation split, through Lightning's predict loop."""
-    module = LabelWordClassifier(model, datamodule.label_ids, lr=0.0)
+def predict(model, datamodule: TaskDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, true classes) over the validation split, through Lightning's predict loop."""
+    module = ClassifierModule(model, datamodule.task.verbalizer_ids, lr=0.0)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator="auto",
                         devices=1, enable_progress_bar=False)
     batches = trainer.predict(module, dataloaders=datamodule.val_dataloader())
-    preds = torch.cat([b[0] for b in batches])
-    labels = torch.cat([b[1] for b in batches])
-    return preds, labels
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
-def accuracy_block(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    confusion = torch.zeros(2, 2, dtype=torch.long)
-    for t, p in zip(labels.tolist(), preds.tolist()):
-        confusion[t, p] += 1
-    per_class = (confusion.diagonal() / confusion.sum(1).clamp_min(1)).tolist()
-    return {
-        "val_acc": float((preds == labels).float().mean()),
-        "val_size": int(labels.numel()),
-        "per_class_acc": per_class,
-        "confusion": confusion.tolist(),  # rows: true label, columns: predicted
-        "predictions": preds.tolist(),
-    }
+def generate(model, datamodule: TaskDataModule) -> list[str]:
+    """Greedy outputs for every validation input."""
+    spec = datamodule.spec
+    return decode_texts(model, datamodule.tokenizer, datamodule.prompts("validation"), spec.max_new_tokens,
+                        spec.eval_batch_size, spec.max_length)
 
 
-def latency_block(model, kind: str, model_spec, datamodule: SST2DataModule, settings: dict) -> dict[str, Any]:
+@torch.no_grad()
+def teacher_forced_predictions(model, datamodule: TaskDataModule) -> torch.Tensor:
+    """The greedy token at every target position of the validation inputs (first reference, teacher-forced)."""
+    return torch.cat([scored_logits(model.eval(), batch).argmax(-1) for batch in datamodule.val_dataloader()])
+
+
+def latency_block(model, kind: str, model_spec, datamodule: TaskDataModule, settings: dict) -> dict[str, Any]:
     """Base vs adapter (vs merged, for weight-space adapters) in this process, interleaved."""
-    from feta import latency
-
     base, _ = load_base_model(model_spec)
     candidates = {"adapter": model}
     if kind in (*WEIGHT_KINDS, "compiled"):  # weight-space: the merged model is the deployed form
         candidates["merged"] = merged_copy(model)
-    prompts = datamodule.sentences("validation", max(settings["batches"]))
+    prompts = datamodule.prompts("validation", max(settings["batches"]))
     enc = datamodule.tokenizer(prompts, padding="max_length", truncation=True, max_length=settings["prompt_len"],
                                return_tensors="pt")
     grid = tuple(latency.Setting("prefill", b) for b in settings["batches"])
@@ -116,37 +78,64 @@ def latency_block(model, kind: str, model_spec, datamodule: SST2DataModule, sett
             "rows": [{k: v for k, v in r.items() if k != "context"} for r in rows]}
 
 
+def _classification(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec) -> dict[str, Any]:
+    preds, labels = predict(model, dm)
+    result = {**classification_report(preds, labels, dm.task.num_classes), "classes": dm.task.classes,
+              "predictions": preds.tolist(), "val_size": int(labels.numel())}
+    if run.kind == "compiled":
+        source = _source_predictions(run, dm, model_spec)
+        n = min(len(source), len(result["predictions"]))
+        result["agreement_with_source"] = float(
+            (torch.tensor(source[:n]) == torch.tensor(result["predictions"][:n])).float().mean())
+    return result
+
+
+def _generation(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec) -> dict[str, Any]:
+    outputs = generate(model, dm)
+    result = {**generation_metrics(outputs, dm.references), "val_size": len(outputs), "outputs": OUTPUTS}
+    rows = [{"input": p, "output": o, "references": r} for p, o, r in zip(dm.prompts("validation"), outputs, dm.references)]
+    if run.kind == "compiled":  # three views of agreement with the source prefix
+        source_model = load_adapter(load_base_model(model_spec)[0], run.source_dir / runs.ADAPTER).eval()
+        source_outputs = generate(source_model, dm)
+        result["agreement_with_source"] = sum(a == b for a, b in zip(outputs, source_outputs)) / len(outputs)
+        result["token_agreement"] = float((teacher_forced_predictions(model, dm)
+                                           == teacher_forced_predictions(source_model, dm)).float().mean())
+        result["bleu_vs_source"] = generation_metrics(outputs, [[s] for s in source_outputs])["bleu"]
+        for row, s in zip(rows, source_outputs):
+            row["source_output"] = s
+    runs.write_text(run.run_dir / OUTPUTS, "".join(json.dumps(r) + "\n" for r in rows))
+    return result
+
+
 def evaluate_run(run_dir: Path, settings: dict) -> dict[str, Any]:
     """Evaluate one run and write <run_dir>/eval.json (atomically); returns it."""
-    target = resolve(run_dir)
-    model, tokenizer, model_spec, data_spec = load_models(target)
+    run = runs.resolve_run(run_dir)
+    model, tokenizer, model_spec, data_spec = load_models(run)
     if settings.get("val_limit"):
         data_spec.val_limit = settings["val_limit"]
-    dm = SST2DataModule(data_spec, tokenizer, seed=target.cfg.seed)
-    preds, labels = predict(model, dm)
+    dm = TaskDataModule(data_spec, tokenizer, seed=run.cfg.seed)
+    dm.setup()
+    task = dm.task
     result = {
-        "run": str(target.run_dir.resolve()),
-        "kind": target.kind,
-        "name": target.name,
+        "run": str(run.run_dir.resolve()),
+        "kind": run.kind,
+        "name": run.name,
         "model": model_spec.name,
-        "m": target.cfg.adapter.get("m"),
-        "r": target.record["rank"] if target.kind == "compiled" else target.cfg.adapter.get("r"),
+        "task": task.kind.value,
+        "main_metric": task.main_metric,
+        "m": run.cfg.adapter.get("m"),
+        "r": run.record["rank"] if run.kind == "compiled" else run.cfg.adapter.get("r"),
         # A loaded adapter is frozen, so count what training reported (compiled: the LoRA's tensors).
-        "trainable_params": _lora_params(model) if target.kind == "compiled" else target.record["trainable_params"],
-        **accuracy_block(preds, labels),
+        "trainable_params": _lora_params(model) if run.kind == "compiled" else run.record["trainable_params"],
         "agreement_with_source": None,
-        "residuals": None,
+        "residuals": run.record["residuals"] if run.kind == "compiled" else None,
         "latency": None,
     }
-    if target.kind == "compiled":
-        source_preds = _source_predictions(target, dm, model_spec)
-        n = min(len(source_preds), len(result["predictions"]))
-        result["agreement_with_source"] = float(
-            (torch.tensor(source_preds[:n]) == torch.tensor(result["predictions"][:n])).float().mean())
-        result["residuals"] = target.record["residuals"]
+    scoring = _classification if task.kind is TaskKind.classification else _generation
+    result.update(scoring(run, model, dm, model_spec))
     if settings["latency"]["enabled"]:
-        result["latency"] = latency_block(model, target.kind, model_spec, dm, settings["latency"])
-    runs.write_json(target.run_dir / EVAL, result)
+        result["latency"] = latency_block(model, run.kind, model_spec, dm, settings["latency"])
+    runs.write_json(run.run_dir / runs.EVAL, result)
     return result
 
 
@@ -154,39 +143,42 @@ def _lora_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
-def _source_predictions(target: Target, dm: SST2DataModule, model_spec) -> list[int]:
+def _source_predictions(run: runs.ResolvedRun, dm: TaskDataModule, model_spec) -> list[int]:
     """The source prefix's validation predictions: from its eval.json when it has them, else computed."""
-    path = target.source_dir / EVAL
+    path = run.source_dir / runs.EVAL
     if path.is_file():
-        ev = runs.read_json(path)
+        ev = runs.read_json(path, "evaluate.py")
         if len(ev.get("predictions", [])) == len(dm.splits["validation"]):
             return ev["predictions"]
     base, _ = load_base_model(model_spec)
-    prefix = load_adapter(base, target.source_dir / runs.ADAPTER).eval()
+    prefix = load_adapter(base, run.source_dir / runs.ADAPTER).eval()
     return predict(prefix, dm)[0].tolist()
 
 
-def equivalence_analysis(prefix_run: Path, lora_run: Path | None, out_dir: Path, settings: dict) -> dict:
-    """`evaluate.py analysis=equivalence`: the FETA measurements (feta/equivalence.py) at a trained
-    prefix (and a trained LoRA, if given), on the first validation sentences."""
-    from feta.equivalence import analyze
+def validation_batch(data_spec: DataSpec, tokenizer, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The first n validation examples as one batch (analyses linearize around them)."""
+    dm = TaskDataModule(data_spec, tokenizer, seed=seed)
+    dm.setup()
+    return dm.collate(dm.splits["validation"][:n])
 
-    target = resolve(prefix_run)
-    if target.kind != "prefix":
-        raise ValueError(f"analysis=equivalence takes a prefix run as ckpt; {prefix_run} is a {target.kind} run")
-    model_spec, data_spec, spec = runs.run_specs(target.cfg)
+
+def equivalence_analysis(prefix_run: Path, lora_run: Path | None, out_dir: Path, settings: dict) -> dict:
+    """`evaluate.py analysis=equivalence`: the FETA measurements (feta/equivalence/) at a trained prefix
+    (and a trained LoRA, if given), on the first validation examples."""
+    run = runs.resolve_run(prefix_run)
+    if run.kind != "prefix":
+        raise UserError(f"ckpt={prefix_run}", f"is a {run.kind} run", "analysis=equivalence takes a prefix run")
+    model_spec, data_spec, spec = runs.run_specs(run.cfg)
     base, tokenizer = load_base_model(model_spec)
-    prefix = load_adapter(load_base_model(model_spec)[0], target.run_dir / runs.ADAPTER).eval()
+    prefix = load_adapter(load_base_model(model_spec)[0], run.run_dir / runs.ADAPTER).eval()
     lora = None
     if lora_run is not None:
-        lora_target = resolve(lora_run)
-        if lora_target.kind != "lora" or lora_target.cfg.model.name != model_spec.name:
-            raise ValueError(f"lora={lora_run} must be a LoRA run on {model_spec.name}, got a {lora_target.kind} run "
-                             f"on {lora_target.cfg.model.name}")
-        lora = load_adapter(load_base_model(model_spec)[0], lora_target.run_dir / runs.ADAPTER).eval()
-    dm = SST2DataModule(data_spec, tokenizer, seed=target.cfg.seed)
-    dm.setup()
-    batch = dm.collate(dm.splits["validation"][: settings["sentences"]])
+        other = runs.resolve_run(lora_run)
+        if other.kind != "lora" or other.cfg.model.name != model_spec.name:
+            raise UserError(f"lora={lora_run}", f"is a {other.kind} run on {other.cfg.model.name}",
+                            f"pass a LoRA run on {model_spec.name}")
+        lora = load_adapter(load_base_model(model_spec)[0], other.run_dir / runs.ADAPTER).eval()
+    batch = validation_batch(data_spec, tokenizer, settings["sentences"], run.cfg.seed)
     init_ids = None
     if spec.init == "text":
         # The whole text: the span grid builds text-init prefixes of every m it visits (up to 32), not just spec.m.

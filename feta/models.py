@@ -17,7 +17,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from feta.schema import check_choice
+from feta.errors import check_choice
 
 TOKENIZERS = Path(__file__).parent / "assets" / "tokenizers"
 
@@ -136,8 +136,20 @@ def _load(spec_yaml: str):
     return model, tokenizer
 
 
+def max_positions(config) -> int | None:
+    """The number of positions a model can attend over (GPT-2: n_positions; Llama: max_position_embeddings)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def load_base_model(spec: ModelSpec):
     """A fresh (model, tokenizer) pair. Loaded once per process: the jobs of a multirun share the load
-    (~15 s for the GGUF model) and each gets its own deep copy, since PEFT edits a model in place."""
+    (~15 s for the GGUF model) and each gets its own deep copy, since PEFT edits a model in place.
+
+    The tokenizer pads on the right (EOS as the pad token where it has none): every batch in feta is
+    right-padded, and the scored positions are read from each row's real length."""
     model, tokenizer = _load(OmegaConf.to_yaml(OmegaConf.structured(spec)))
-    return copy.deepcopy(model), copy.deepcopy(tokenizer)
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return copy.deepcopy(model), tokenizer

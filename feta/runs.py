@@ -11,13 +11,23 @@ A training run directory holds::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+
+from feta.adapters import SPECS
+from feta.data import DataSpec
+from feta.errors import UserError
+from feta.models import ModelSpec
+from feta.schema import to_spec
 
 CONFIG = "config.yaml"
 ADAPTER = "adapter"
@@ -27,8 +37,8 @@ COMPILE = "compile.json"  # a compiled directory's record (compile.py)
 EVAL = "eval.json"  # evaluate.py's result, in any run or compiled directory
 # Subtrees that hold other tools' files, some named config.yaml/.json (Hydra's .hydra/, W&B's files/).
 NOT_RUNS = {"wandb", "adapter", "checkpoints", "report", "merged", "csv", "analysis", "__pycache__"}
-# metrics.json must carry these keys to count as a finished run.
-FINISHED_KEYS = ("val_acc", "global_step", "trainable_params")
+# metrics.json must carry these keys, and the value its `main_metric` names, to count as a finished run.
+FINISHED_KEYS = ("global_step", "trainable_params")
 
 
 def run_dirs(root: str | Path, markers: tuple[str, ...] = (CONFIG, COMPILE)) -> list[Path]:
@@ -42,27 +52,56 @@ def run_dirs(root: str | Path, markers: tuple[str, ...] = (CONFIG, COMPILE)) -> 
     return found
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically (temp file + rename), so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (see `write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Write a directory in `<path>.partial` and rename it into place when the block ends without error,
+    so a finished directory appears whole or not at all; a crash leaves only the .partial."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{path} appeared while it was being written")
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path, rewritten_by: str = "the step that writes it") -> dict[str, Any]:
+    """A JSON file's object; a damaged file is named with the step that rewrites it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it and rerun the step that writes it") from e
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"is not valid JSON ({e})", f"delete it and rerun {rewritten_by}") from e
+    if not isinstance(data, dict):
+        raise UserError(str(path), "holds no JSON object", f"delete it and rerun {rewritten_by}")
+    return data
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -70,41 +109,50 @@ def is_finished(run_dir: str | Path) -> bool:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return False
-    try:
-        metrics = read_json(path)
-    except ValueError:
-        return False
-    return all(k in metrics for k in FINISHED_KEYS)
+    metrics = read_json(path, "train.py with the same output_dir (skip_finished=false)")
+    return all(k in metrics for k in FINISHED_KEYS) and metrics.get("main_metric", "val_acc") in metrics
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """The resolved config a training run was made with; errors name what is missing."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"ckpt={run_dir}: no such directory; pass a run directory written by train.py")
+        raise UserError(f"ckpt={run_dir}", "no such directory", "pass a run directory written by train.py")
     cfg_path = run_dir / CONFIG
     if not cfg_path.is_file():
-        raise FileNotFoundError(
-            f"ckpt={run_dir}: no {CONFIG}; this is not a feta run directory (train.py writes "
-            f"{CONFIG}, {ADAPTER}/ and {METRICS} in each job's directory)"
-        )
-    cfg = OmegaConf.load(cfg_path)
+        raise UserError(f"ckpt={run_dir}", f"no {CONFIG}: not a feta run directory",
+                        f"pass a directory where train.py wrote {CONFIG}, {ADAPTER}/ and {METRICS}")
+    try:
+        cfg = OmegaConf.load(cfg_path)
+    except Exception as e:  # noqa: BLE001 - yaml raises many types for a damaged file
+        raise UserError(str(cfg_path), f"is not valid YAML ({e})", "restore it or retrain the run") from e
     for key in ("model", "adapter", "data"):
-        if key not in cfg:
-            raise ValueError(f"{cfg_path} has no '{key}' section; the run directory is corrupt")
+        if not isinstance(cfg, DictConfig) or key not in cfg:
+            raise UserError(str(cfg_path), f"has no '{key}' section", "restore it or retrain the run")
     return cfg
 
 
-def adapter_dir(run_dir: str | Path) -> Path:
-    """The run's PEFT adapter directory, checked to hold a config and safetensors weights."""
-    path = Path(run_dir) / ADAPTER
+def check_adapter(path: str | Path, rewritten_by: str) -> Path:
+    """A PEFT adapter directory, checked to hold a JSON config and readable, non-empty safetensors weights."""
+    path = Path(path)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).is_file():
-            raise FileNotFoundError(
-                f"ckpt={run_dir}: {ADAPTER}/{name} is missing; the run did not finish "
-                "(rerun train.py with the same output directory to resume it)"
-            )
+            raise UserError(str(path / name), "is missing", f"rerun {rewritten_by}")
+    read_json(path / "adapter_config.json", rewritten_by)
+    weights = path / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged header
+        raise UserError(str(weights), f"is corrupt ({e})", f"restore it or rerun {rewritten_by}") from e
+    if not keys:
+        raise UserError(str(weights), "holds no tensors", f"restore it or rerun {rewritten_by}")
     return path
+
+
+def adapter_dir(run_dir: str | Path) -> Path:
+    """A training run's PEFT adapter directory, checked (see `check_adapter`)."""
+    return check_adapter(Path(run_dir) / ADAPTER, f"train.py with output_dir={run_dir} to resume the run")
 
 
 def check_same_config(run_dir: str | Path, cfg: DictConfig) -> None:
@@ -116,20 +164,67 @@ def check_same_config(run_dir: str | Path, cfg: DictConfig) -> None:
     new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for key in ("model", "adapter", "data", "seed"):
         if OmegaConf.select(old, key) != OmegaConf.select(new, key):
-            raise ValueError(
-                f"{run_dir} holds a run with a different '{key}' ({OmegaConf.select(old, key)} vs "
-                f"{OmegaConf.select(new, key)}); resume with the same settings or pick another output_dir"
-            )
+            raise UserError(f"output_dir={run_dir}", f"holds a run with a different '{key}' "
+                            f"({OmegaConf.select(old, key)} vs {OmegaConf.select(new, key)})",
+                            "resume with the same settings or pick another output_dir")
 
 
 def run_specs(cfg: DictConfig):
     """(ModelSpec, DataSpec, adapter spec) of a saved run config, validated like a fresh one."""
-    from feta.adapters import SPECS
-    from feta.data import DataSpec
-    from feta.models import ModelSpec
-    from feta.schema import to_spec
-
     kind = cfg.adapter.get("kind")
     if kind not in SPECS:
-        raise ValueError(f"adapter.kind={kind!r} in the run's config.yaml is unknown; known: {', '.join(SPECS)}")
+        raise UserError(f"adapter.kind={kind!r}", "unknown in the run's config.yaml", f"known: {', '.join(SPECS)}")
     return to_spec(cfg, "model", ModelSpec), to_spec(cfg, "data", DataSpec), to_spec(cfg, "adapter", SPECS[kind])
+
+
+@dataclass
+class ResolvedRun:
+    """What a run or compiled directory holds, read and checked."""
+
+    run_dir: Path
+    kind: str  # an adapter kind (feta.adapters.SPECS) or "compiled"
+    name: str
+    cfg: DictConfig  # the (source) training run's config
+    record: dict  # metrics.json or compile.json
+    source_dir: Path | None = None  # compiled: the prefix run it came from
+
+    @property
+    def training_dir(self) -> Path:
+        """The training run behind it (the source run of a compiled directory)."""
+        return self.source_dir or self.run_dir
+
+
+def resolve_run(run_dir: str | Path) -> ResolvedRun:
+    """Read and validate a training run or compiled directory; errors name what is missing."""
+    run_dir = Path(run_dir)
+    if (run_dir / COMPILE).is_file():
+        record = read_json(run_dir / COMPILE, "compile.py")
+        source = Path(record["source_run"])
+        cfg = load_run_config(source)
+        check_adapter(run_dir / ADAPTER, f"compile.py ckpt={source} overwrite=true")
+        source_kind = "" if cfg.adapter.kind == "prefix" else f"{cfg.adapter.kind}-"
+        name = (f"compiled-{source_kind}m{cfg.adapter.m}-r{record['rank']}"
+                + ("" if record["method"] == "lstsq" else f"-{record['method']}"))
+        return ResolvedRun(run_dir, "compiled", name, cfg, record, source)
+    cfg = load_run_config(run_dir)
+    if not (run_dir / METRICS).is_file():
+        raise UserError(f"ckpt={run_dir}", f"training did not finish (no {METRICS})",
+                        f"rerun train.py with output_dir={run_dir} to resume it")
+    if not is_finished(run_dir):
+        raise UserError(str(run_dir / METRICS), "is incomplete (a key is missing)",
+                        f"delete it and rerun train.py with output_dir={run_dir} skip_finished=false")
+    adapter_dir(run_dir)
+    return ResolvedRun(run_dir, cfg.adapter.kind, read_json(run_dir / METRICS)["name"], cfg, read_json(run_dir / METRICS))
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """`path` itself if it is a run or compiled dir (with its compiled dirs), else every one below it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"ckpt={path}", "no such directory" if not path.exists() else "is a file, not a directory",
+                        "pass a run, compiled or sweep directory")
+    found = run_dirs(path)
+    if not found:
+        raise UserError(f"ckpt={path}", "holds no runs", "run `python train.py -m ...` first, then evaluate.py "
+                        "ckpt=<its sweep dir>")
+    return found

@@ -1,16 +1,17 @@
-"""Helpers shared by the config schemas (ModelSpec, DataSpec, the adapter specs)."""
+"""The entry points' config schemas, and `to_spec`, which builds any schema-backed node (checks included)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    """OmegaConf schemas cannot type `Literal` choices, so each spec checks them in `__post_init__`."""
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+from feta.errors import UserError, check_choice, check_positive
 
 
 def to_spec(cfg: DictConfig, key: str, spec_cls: type | None = None):
@@ -27,5 +28,127 @@ def to_spec(cfg: DictConfig, key: str, spec_cls: type | None = None):
     known = {f.name for f in dataclasses.fields(spec_cls)}
     unknown = sorted(set(node.keys()) - known)
     if unknown:
-        raise ValueError(f"{key}.{unknown[0]} is not a setting of {spec_cls.__name__}; known: {', '.join(sorted(known))}")
+        raise UserError(f"{key}.{unknown[0]}", f"is not a setting of {spec_cls.__name__}",
+                        f"known: {', '.join(sorted(known))}")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec_cls), node))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry-point schemas: every key of train.yaml and evaluate.yaml is typed, so a typo or a value of the
+# wrong type fails when Hydra composes the config, naming the key; ranges are checked in __post_init__
+# (run by OmegaConf.to_object on the task function's first line).
+
+
+@dataclass
+class TrainConfig:
+    """Schema of `conf/train.yaml`'s own keys; model, data, adapter and trainer have their own schemas."""
+
+    model: Any = None
+    data: Any = None
+    adapter: Any = None
+    trainer: Any = None
+    logger: Any = None
+    seed: int = field(default=0, metadata={"help": "Seeds torch, numpy, python and the data subset."})
+    output_dir: str | None = field(default=None, metadata={"help": "null = Hydra's job dir; set it to resume."})
+    skip_finished: bool = field(default=True, metadata={"help": "A job with a complete metrics.json is not rerun."})
+    checkpoint_every_n_steps: int = field(default=50, metadata={"help": "Refresh checkpoints/last.ckpt this often."})
+    callbacks: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra Lightning callbacks by name."})
+
+    def __post_init__(self) -> None:
+        check_positive("checkpoint_every_n_steps", self.checkpoint_every_n_steps)
+        if self.output_dir is not None:
+            check_output_dir("output_dir", Path(self.output_dir))
+
+
+def check_output_dir(key: str, path: Path) -> None:
+    """Refuse an output directory that is a file or that cannot be created or written."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key}={path}", "is a file, not a directory", f"point {key} at a directory")
+    parent = next((p for p in (path, *path.parents) if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path}", f"cannot be written ({parent} is not writable)", f"point {key} elsewhere")
+
+
+@dataclass
+class LatencyConfig:
+    """evaluate.py's latency settings: base and candidate timed in one process, interleaved."""
+
+    enabled: bool = True
+    prompt_len: int = field(default=64, metadata={"help": "Tokens per prompt (padded/truncated)."})
+    batches: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "Prefill batch sizes."})
+    decode_tokens: int = field(default=32, metadata={"help": "Cached greedy decode at batch 1; 0 = skip."})
+    repeats: int = field(default=3, metadata={"help": "Interleaved base/candidate rounds."})
+    min_run_time: float = field(default=0.2, metadata={"help": "Seconds per timed block."})
+
+    def __post_init__(self) -> None:
+        check_positive("latency.prompt_len", self.prompt_len)
+        if not self.batches:
+            raise UserError("latency.batches", "is empty", "give batch sizes, e.g. 'latency.batches=[1,32]'")
+        for b in self.batches:
+            check_positive("latency.batches", b)
+        if self.decode_tokens < 0:
+            raise UserError("latency.decode_tokens", f"must be >= 0, got {self.decode_tokens}", "0 skips decoding")
+        check_positive("latency.repeats", self.repeats)
+        check_positive("latency.min_run_time", self.min_run_time, what="number")
+
+
+@dataclass
+class EquivalenceAnalysis:
+    """analysis=equivalence: the FETA measurements at a prefix run -> <ckpt>/analysis/."""
+
+    kind: str = "equivalence"
+    lora: str | None = field(default=None, metadata={"help": "A trained LoRA run to compare with (null = random)."})
+    sentences: int = field(default=8, metadata={"help": "Validation examples to linearize around."})
+    layers: list[int] | None = field(default=None, metadata={"help": "null = all layers."})
+    heads: list[int] | None = field(default=None, metadata={"help": "null = all key/value heads."})
+
+    def __post_init__(self) -> None:
+        check_positive("analysis.sentences", self.sentences)
+
+
+@dataclass
+class TaskVectorAnalysis:
+    """analysis=task_vector: merged − base per tensor vs B·A·scale -> <ckpt>/analysis/task_vector_<precision>.csv."""
+
+    kind: str = "task_vector"
+    precision: str = field(default="fp32", metadata={"help": "Merge precision: fp32 | fp16 | bf16."})
+
+    def __post_init__(self) -> None:
+        check_choice("analysis.precision", self.precision, ("fp32", "fp16", "bf16"))
+
+
+@dataclass
+class InterpolateAnalysis:
+    """analysis=interpolate: accuracy along (1 − w)·ckpt + w·other -> <ckpt>/analysis/interpolation.{csv,png}."""
+
+    kind: str = "interpolate"
+    other: str = field(default=MISSING, metadata={"help": "The second prefix (or prompt) run: same model, kind, m."})
+    weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], metadata={"help": "The w values."})
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise UserError("analysis.weights", "is empty", "give e.g. 'analysis.weights=[0,0.5,1]'")
+
+
+@dataclass
+class EvaluateConfig:
+    """Schema of `conf/evaluate.yaml`."""
+
+    ckpt: str = field(default=MISSING, metadata={"help": "A run, compiled or sweep directory."})
+    overwrite: bool = field(default=False, metadata={"help": "Re-evaluate runs that already have an eval.json."})
+    val_limit: int | None = field(default=None, metadata={"help": "Score this many validation inputs; null = all."})
+    report: bool = field(default=True, metadata={"help": "For a sweep dir: write report/ after evaluating."})
+    analysis: Any = field(default=None, metadata={"help": "conf/analysis/*: equivalence | task_vector | interpolate."})
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    logger: Any = None
+
+    def __post_init__(self) -> None:
+        check_positive("val_limit", self.val_limit, allow_none=True)
+
+
+cs = ConfigStore.instance()
+cs.store(name="train_schema", node=TrainConfig)
+cs.store(name="evaluate_schema", node=EvaluateConfig)
+for _name, _node in (("equivalence", EquivalenceAnalysis), ("task_vector", TaskVectorAnalysis),
+                     ("interpolate", InterpolateAnalysis)):
+    cs.store(group="analysis", name=f"{_name}_schema", node=_node)

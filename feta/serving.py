@@ -7,122 +7,175 @@ positions of its own; rows with different prefixes, or a prefix and a LoRA, cann
 pass. Compile the prefix first and serve its `compiled-r<r>/`.
 
     server = AdapterServer.from_runs({"lora": "multirun/.../1", "compiled": "multirun/.../0/compiled-r4"})
-    logits = server.classify(["a gem", "a mess"], ["lora", "compiled"])   # (2, 2), one forward pass
+    scores = server.classify(["a gem", "a mess"], ["lora", "compiled"])   # (2, K), one forward pass
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from hydra.core.config_store import ConfigStore
 from peft import PeftModel
 
 from feta import runs
-from feta.data import label_token_ids
-from feta.module import label_logits
+from feta.compile.spec import CompileSpec
+from feta.data import ClassificationTask, TaskKind, make_task
+from feta.errors import UserError, check_positive
+from feta.models import load_base_model
+from feta.scoring import class_log_probs
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
 class AdapterServer:
-    """One base model holding several LoRA adapters by name; classifies SST-2 prompts with any of them."""
+    """One base model holding several LoRA adapters by name; classifies a task's inputs with any of them.
+    An input is a text (templates with one column) or a dict of column -> text (pair templates)."""
 
-    def __init__(self, model: PeftModel, tokenizer, label_ids: list[int], prompt: str = "{sentence}",
-                 max_length: int = 128) -> None:
-        self.model = model.eval()
-        self.tokenizer, self.label_ids, self.prompt, self.max_length = tokenizer, label_ids, prompt, max_length
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"  # label_logits reads each row's last real token
+    def __init__(self, model: PeftModel, task: ClassificationTask) -> None:
+        self.model, self.task = model.eval(), task
+        self.tokenizer = task.tokenizer
         kinds = {name: type(cfg).__name__ for name, cfg in model.peft_config.items()}
         not_lora = {n: k for n, k in kinds.items() if k != "LoraConfig"}
         if not_lora:
-            raise ValueError(f"mixed-batch serving needs LoRA adapters; {not_lora} are not (compile a prefix first)")
+            raise UserError("adapters", f"mixed-batch serving needs LoRA adapters; {not_lora} are not",
+                            "compile a prefix first")
 
     @classmethod
     def from_runs(cls, adapters: dict[str, str | Path]) -> "AdapterServer":
         """Load the base model once and every adapter onto it: {name: LoRA run dir or compiled dir}."""
-        from feta.evaluation import resolve
-        from feta.models import load_base_model
-
         if not adapters:
-            raise ValueError("no adapters to serve: pass name=<run dir or compiled dir> pairs")
-        targets = {}
+            raise UserError("adapters", "none given", "pass adapters.<name>=<run dir or compiled dir>")
+        resolved = {}
         for name, path in adapters.items():
             if not name or name == BASE:
-                raise ValueError(f"adapter name {name!r} is reserved or empty; {BASE} means the base model")
-            target = resolve(Path(path))
-            if target.kind == "prefix":
-                raise ValueError(
-                    f"{name}={path} is a prefix (token adaptation): its rows cannot share a forward pass with "
-                    f"other adapters. Compile it first (python compile.py ckpt={path} rank=4) and serve "
-                    f"{Path(path) / 'compiled-r4'}"
-                )
-            targets[name] = target
-        first_name, first = next(iter(targets.items()))
+                raise UserError(f"adapters.{name}", f"the name is reserved or empty ({BASE} means the base model)",
+                                "pick another name")
+            run = runs.resolve_run(Path(path))
+            if run.kind in ("prefix", "prompt", "gated_prefix"):
+                raise UserError(f"adapters.{name}={path}", f"is a {run.kind} (token adaptation): its rows cannot "
+                                "share a forward pass with other adapters",
+                                f"compile it first (python compile.py ckpt={path}) and serve "
+                                f"{Path(path) / CompileSpec().dir_name}")
+            resolved[name] = run
+        first_name, first = next(iter(resolved.items()))
         model_spec, data_spec, _ = runs.run_specs(first.cfg)
-        for name, t in targets.items():  # one base model and one prompt format for all rows
-            m, d, _ = runs.run_specs(t.cfg)
+        for name, run in resolved.items():  # one base model and one task format for all rows
+            m, d, _ = runs.run_specs(run.cfg)
             for what, a, b in (("model", m, model_spec), ("data.prompt", d.prompt, data_spec.prompt),
-                               ("data.label_words", list(d.label_words), list(data_spec.label_words))):
+                               ("data.classes", list(d.classes), list(data_spec.classes)),
+                               ("data.verbalizers", list(d.verbalizers), list(data_spec.verbalizers))):
                 if a != b:
-                    raise ValueError(f"adapters {first_name} and {name} differ in {what} ({b} vs {a}); "
-                                     "serve adapters of one base model and prompt together")
+                    raise UserError(f"adapters.{name}", f"differs from {first_name} in {what} ({b} vs {a})",
+                                    "serve adapters of one base model and task together")
+        if data_spec.task is not TaskKind.classification:
+            raise UserError(f"adapters.{first_name}", "is a generation run", "serve.py classifies; serve classifiers")
         base, tokenizer = load_base_model(model_spec)
         model = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            for name, t in targets.items():
-                path = str(t.run_dir / runs.ADAPTER)
+            for name, run in resolved.items():
+                path = str(run.run_dir / runs.ADAPTER)
                 if model is None:
                     model = PeftModel.from_pretrained(base, path, adapter_name=name)
                 else:
                     model.load_adapter(path, adapter_name=name)
-        label_ids = label_token_ids(tokenizer, list(data_spec.label_words))
-        return cls(model, tokenizer, label_ids, data_spec.prompt, data_spec.max_length)
+        return cls(model, make_task(data_spec, tokenizer))
 
     @property
     def adapters(self) -> list[str]:
         return list(self.model.peft_config)
 
-    def encode(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
-        texts = [self.prompt.format(sentence=s) for s in sentences]
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+    def example(self, text: str | dict[str, str]) -> dict[str, str]:
+        """A dict of the template's columns; a plain text fills a one-column template."""
+        if isinstance(text, dict):
+            return text
+        fields = self.task.spec.prompt_fields
+        if len(fields) != 1:
+            raise UserError("input", f"the template needs columns {fields}", "give each row as a dict of them")
+        return {fields[0]: text}
+
+    def encode(self, texts: Sequence[str | dict[str, str]]) -> dict[str, torch.Tensor]:
+        prompts = [self.task.prompt(self.example(t)) for t in texts]
+        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.task.spec.max_length,
+                              return_tensors="pt")
+
+    def _scores(self, enc: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
+        return class_log_probs(self.model, enc["input_ids"], enc["attention_mask"], self.task.verbalizer_ids,
+                               **forward_kwargs)
 
     def _check(self, sentences: Sequence[str], adapter_names: Sequence[str]) -> list[str]:
         names = list(adapter_names)
         if len(names) != len(sentences):
-            raise ValueError(f"{len(sentences)} sentences but {len(names)} adapter names; give one name per row")
+            raise UserError("input", f"{len(sentences)} rows but {len(names)} adapter names", "give one name per row")
         unknown = sorted(set(names) - {BASE, *self.adapters})
         if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; loaded: {', '.join([BASE, *self.adapters])}")
+            raise UserError("input", f"unknown adapter(s) {unknown}", f"use one of {', '.join([BASE, *self.adapters])}")
         return names
 
     @torch.no_grad()
     def classify(self, sentences: Sequence[str], adapter_names: Sequence[str]) -> torch.Tensor:
-        """(B, n_labels) label-word logits; row i through adapter `adapter_names[i]`, all in one forward pass."""
+        """(B, K) class log-probabilities; row i through adapter `adapter_names[i]`, all in one forward pass."""
         names = self._check(sentences, adapter_names)
-        enc = self.encode(sentences)
-        return label_logits(self.model, enc["input_ids"], enc["attention_mask"], self.label_ids, adapter_names=names)
+        return self._scores(self.encode(sentences), adapter_names=names)
 
     @torch.no_grad()
     def classify_with(self, sentences: Sequence[str], adapter: str) -> torch.Tensor:
-        """(B, n_labels) with one adapter active (or BASE): the one-adapter-at-a-time way."""
+        """(B, K) with one adapter active (or BASE): the one-adapter-at-a-time way."""
         self._check(sentences, [adapter] * len(sentences))
         enc = self.encode(sentences)
         if adapter == BASE:
             with self.model.disable_adapter():
-                return label_logits(self.model, enc["input_ids"], enc["attention_mask"], self.label_ids)
+                return self._scores(enc)
         self.model.set_adapter(adapter)
-        return label_logits(self.model, enc["input_ids"], enc["attention_mask"], self.label_ids)
+        return self._scores(enc)
 
     def classify_sequential(self, sentences: Sequence[str], adapter_names: Sequence[str]) -> torch.Tensor:
         """What `classify` computes, as one forward pass per adapter over its own rows (the baseline)."""
         names = self._check(sentences, adapter_names)
-        out = torch.empty(len(names), len(self.label_ids))
+        out = torch.empty(len(names), self.task.num_classes)
         for name in dict.fromkeys(names):  # first-appearance order
             rows = [i for i, n in enumerate(names) if n == name]
             out[rows] = self.classify_with([sentences[i] for i in rows], name)
         return out
+
+
+@dataclass
+class ServeConfig:
+    """Schema of `conf/serve.yaml`."""
+
+    adapters: dict[str, str] = field(default_factory=dict, metadata={"help": "name -> run or compiled dir."})
+    input: str | None = field(default=None, metadata={"help": "TSV of adapter<TAB>text lines; '-' = stdin."})
+    val: int | None = field(default=None, metadata={"help": "Classify the first N validation inputs."})
+    batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
+    base: bool = field(default=True, metadata={"help": "With val: the base model takes turns too."})
+
+    def __post_init__(self) -> None:
+        if not self.adapters:
+            raise UserError("adapters", "none given", "pass adapters.<name>=<run dir or compiled dir>")
+        if (self.input is None) == (self.val is None):
+            raise UserError("input", "give exactly one of input=<file> and val=<N>", "e.g. val=64")
+        check_positive("val", self.val, allow_none=True)
+        check_positive("batch_size", self.batch_size)
+
+
+ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+
+
+def read_rows(path: str) -> tuple[list[str], list[str]]:
+    """(adapter names, texts) from adapter<TAB>text lines."""
+    if path != "-" and not Path(path).is_file():
+        raise UserError(f"input={path}", "no such file", "give a TSV of adapter<TAB>text lines")
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"input={path}", "is not UTF-8 text", "save it as UTF-8") from e
+    rows = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
+    bad = next((i for i, r in enumerate(rows, 1) if len(r) != 2 or not r[1].strip()), None)
+    if bad is not None:
+        raise UserError(f"input={path}:{bad}", "is not adapter<TAB>text", "write one adapter<TAB>text per line")
+    return [r[0] for r in rows], [r[1] for r in rows]

@@ -18,7 +18,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from feta.adapters import lora_delta_weights, merged_copy
+from feta import runs
+from feta.adapters import WEIGHT_KINDS, load_adapter, lora_delta_weights, merged_copy
+from feta.errors import UserError
+from feta.models import load_base_model
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -92,18 +95,12 @@ def summarize(table: pd.DataFrame, precision: str) -> dict[str, Any]:
 
 
 def task_vector_analysis(ckpt: Path, precision: str, out_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    from feta import runs
-    from feta.adapters import WEIGHT_KINDS, load_adapter
-    from feta.evaluation import resolve
-    from feta.models import load_base_model
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    target = resolve(ckpt)
+    target = runs.resolve_run(ckpt)
     if target.kind not in ("lora", "compiled"):
         hint = ("compile it first (compile.py ckpt=<run>) and pass the compiled-r* dir"
                 if target.kind not in WEIGHT_KINDS else "only LoRA adapters have a B·A delta to compare with")
-        raise ValueError(f"analysis=task_vector takes a LoRA run or a compiled dir; ckpt={ckpt} is a {target.kind} run: {hint}")
+        raise UserError(f"ckpt={ckpt}", f"is a {target.kind} run; analysis=task_vector takes a LoRA run or a "
+                        "compiled dir", hint)
     model_spec, _, _ = runs.run_specs(target.cfg)
     base, _ = load_base_model(model_spec)
     base = base.float()  # the reference: fp32 weights, as trained and saved
@@ -113,9 +110,7 @@ def task_vector_analysis(ckpt: Path, precision: str, out_dir: Path) -> tuple[dic
     summary = {"ckpt": str(ckpt), **summarize(table, precision)}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"task_vector_{precision}.csv"
-    tmp = path.with_name(path.name + ".partial")
-    table.to_csv(tmp, index=False)
-    tmp.replace(path)  # atomic: a crash never leaves half a table
+    runs.write_text(path, table.to_csv(index=False))
     runs.write_json(out_dir / f"task_vector_{precision}.json", summary)
     summary["csv"] = str(path)
     return summary, table

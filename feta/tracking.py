@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+
+from feta.errors import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger("feta")
 
@@ -16,8 +22,6 @@ def output_dir(cfg: DictConfig) -> Path:
     """This job's output directory: `cfg.output_dir` if set (tests, resume), else Hydra's."""
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 
@@ -26,9 +30,6 @@ def sweep_group(cfg: DictConfig, run_dir: Path) -> str:
     if cfg.logger and cfg.logger.get("group"):
         return str(cfg.logger.group)
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
             return "-".join(Path(hc.sweep.dir).parts[-2:])
@@ -43,12 +44,8 @@ def make_logger(cfg: DictConfig, run_dir: Path, job_type: str, name: str, group:
         return None
     kind = cfg.logger.kind
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
     if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
         # `mode` rather than offline=True: the latter sets WANDB_MODE for the whole process.
         return WandbLogger(
             project=cfg.logger.project, entity=cfg.logger.get("entity"), group=group or sweep_group(cfg, run_dir),
@@ -56,18 +53,33 @@ def make_logger(cfg: DictConfig, run_dir: Path, job_type: str, name: str, group:
             tags=list(cfg.logger.get("tags") or []),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-    raise ValueError(f"logger.kind must be wandb or csv, got {kind!r} (or logger=null for no logger)")
+    raise UserError("logger.kind", f"unknown logger {kind!r}", "use logger=wandb, logger=csv or logger=null")
 
 
-def log_artifact(logger, path: Path, name: str, type_: str) -> None:
-    """Log a directory as a W&B artifact (no-op for other loggers)."""
-    if type(logger).__name__ != "WandbLogger":
-        return
-    import wandb
+def artifact_name(model: str, run_name: str) -> str:
+    """A W&B artifact name unique per model and run, e.g. adapter-smollm2-prefix-m16 (W&B versions repeats)."""
+    return f"adapter-{model}-{run_name}"
+
+
+def _artifact(path: Path, name: str, type_: str):
+    import wandb  # W&B loads slowly; only a W&B logger needs it
 
     artifact = wandb.Artifact(name=name, type=type_)
     artifact.add_dir(str(path))
-    logger.experiment.log_artifact(artifact)
+    return artifact
+
+
+def log_artifact(logger, path: Path, name: str, type_: str = "adapter") -> None:
+    """Log a directory as a W&B artifact (no-op for other loggers)."""
+    if type(logger).__name__ == "WandbLogger":
+        logger.experiment.log_artifact(_artifact(path, name, type_))
+
+
+def use_artifact(logger, name: str | None, path: Path | None = None, type_: str = "adapter") -> None:
+    """Mark the artifact this run reads (train -> compile -> evaluate lineage). Offline runs cannot fetch
+    a logged artifact by name, so the input directory is declared as the same artifact, by content."""
+    if type(logger).__name__ == "WandbLogger" and name and path is not None and Path(path).is_dir():
+        logger.experiment.use_artifact(_artifact(Path(path), name, type_))
 
 
 def finish_wandb() -> None:
@@ -81,6 +93,28 @@ def finish_wandb() -> None:
         pass
 
 
+def _multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # Hydra not initialized
+        return False
+
+
+def run_main(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run an entry point's task. A `UserError` prints one line, `error: <field or file>: <what>; <fix>`,
+    and exits with status 2 (in a multirun, the job is reported with its overrides and the sweep goes on);
+    any other exception is a bug and keeps its traceback."""
+    try:
+        return task(cfg)
+    except UserError as e:
+        if _multirun():
+            overrides = " ".join(HydraConfig.get().overrides.task)
+            print(f"error: job {HydraConfig.get().job.num} ({overrides}): {e}", file=sys.stderr, flush=True)
+            return None
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Log a failing task's exception and re-raise it; always close W&B and name the output dir."""
 
@@ -88,6 +122,8 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     def wrapped(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
+        except UserError:
+            raise  # shown as one line by run_main; a traceback would bury it
         except Exception:
             log.exception("task failed")
             raise

@@ -86,18 +86,18 @@ def test_single_unfinished_run_is_an_error(tmp_path):
     run = Path(cfg.output_dir)
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("model: {}\nadapter: {kind: prefix}\ndata: {}\n")
-    with pytest.raises(FileNotFoundError, match=r"training did not finish"):
+    with pytest.raises(ValueError, match=r"training did not finish"):
         evaluate(eval_cfg(run))
 
 
 def test_empty_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"no runs under ckpt={tmp_path}"):
+    with pytest.raises(ValueError, match=rf"ckpt={tmp_path}: holds no runs"):
         evaluate(eval_cfg(tmp_path))
 
 
 def test_equivalence_analysis_command_writes_json_and_figures(sweep):
-    out = evaluate(eval_cfg(sweep / "0", "analysis=equivalence", f"lora={sweep / '1'}", "equivalence.sentences=4",
-                            "equivalence.layers=[0]"))
+    out = evaluate(eval_cfg(sweep / "0", "analysis=equivalence", f"analysis.lora={sweep / '1'}", "analysis.sentences=4",
+                            "analysis.layers=[0]"))
     analysis = sweep / "0" / "analysis"
     saved = json.loads((analysis / "equivalence.json").read_text())
     assert saved["verdicts"] == out["verdicts"] and [g["layer"] for g in saved["gating"]["per_layer"]] == [0]
@@ -108,5 +108,5 @@ def test_equivalence_analysis_command_writes_json_and_figures(sweep):
 
 
 def test_equivalence_analysis_refuses_a_lora_run(sweep):
-    with pytest.raises(ValueError, match=r"analysis=equivalence takes a prefix run as ckpt; .* is a lora run"):
+    with pytest.raises(ValueError, match=r"ckpt=.*: is a lora run; analysis=equivalence takes a prefix run"):
         evaluate(eval_cfg(sweep / "1", "analysis=equivalence"))

@@ -16,7 +16,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from evaluate import evaluate
 from feta.adapters import build_adapter, run_name
 from feta.models import load_base_model
-from feta.module import label_logits
+from feta.scoring import class_log_probs, input_positions
 from feta.schema import to_spec
 from tests.conftest import compose_cfg, tiny_train_cfg
 from tests.test_evaluate import eval_cfg
@@ -86,10 +86,10 @@ def test_trains_only_its_parameters_and_reloads(family, job):
 
     # Save/reload with plain PEFT on a fresh base model: the same label logits, bit for bit.
     ids, mask = _batch(tok)
-    label_ids = obj["datamodule"].label_ids
+    label_ids = obj["datamodule"].task.verbalizer_ids
     reloaded = PeftModel.from_pretrained(fresh, str(root / job / "adapter")).eval()
     with torch.no_grad():
-        assert torch.equal(label_logits(trained, ids, mask, label_ids), label_logits(reloaded, ids, mask, label_ids))
+        assert torch.equal(class_log_probs(trained, ids, mask, label_ids), class_log_probs(reloaded, ids, mask, label_ids))
 
 
 def test_gated_prefix_trained_its_gates(family):
@@ -113,18 +113,18 @@ def test_gated_prefix_starts_exactly_at_the_base_model(model):
 
 
 @pytest.mark.parametrize("init", ["random", "vocab", "text"])
-def test_label_logits_pick_the_last_real_token_after_a_soft_prompt(init):
+def test_class_scores_read_the_last_real_token_after_a_soft_prompt(init):
     base, tok = _tiny()
     spec = to_spec(compose_cfg("train", ["adapter=prompt", "adapter.m=5", f"adapter.init={init}"]), "adapter")
     model = build_adapter(base, tok, spec, "gpt2").eval()
     ids, mask = _batch(tok)
     label_ids = [4633, 3967]
     with torch.no_grad():
-        got = label_logits(model, ids, mask, label_ids)
+        got = class_log_probs(model, ids, mask, [[i] for i in label_ids])
         full = model(input_ids=ids, attention_mask=mask).logits  # (B, m + T, V): virtual tokens first
     assert full.shape[1] == spec.m + ids.shape[1]
     last = spec.m + mask.sum(1) - 1  # each row's last real token in the full sequence
-    want = full[torch.arange(2), last][:, label_ids]
+    want = full[torch.arange(2), last].log_softmax(-1)[:, label_ids]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -147,7 +147,7 @@ def test_prompt_text_init_uses_the_texts_embeddings(m):
     "overrides,match",
     [
         (["adapter=prompt", "adapter.init_text= "], r"adapter\.init=text needs a non-empty adapter\.init_text"),
-        (["adapter=prompt", "adapter.init=zero"], r"adapter\.init must be one of text, random, vocab; got 'zero'"),
+        (["adapter=prompt", "adapter.init=zero"], r"adapter\.init: unknown choice 'zero'; use one of text, random, vocab"),
         (["adapter=prompt", "adapter.m=0"], r"adapter\.m must be a positive int \(prompt length\), got 0"),
         (["adapter=ia3", "adapter.targets=[]"], r"adapter\.targets is empty"),
         (["adapter=gated_prefix", "adapter.layers=0"], r"adapter\.layers must be a positive int or null"),
@@ -202,7 +202,7 @@ def test_compile_refuses_weight_space_adapters(family):
 
     root, _ = family
     with pytest.raises(ValueError, match=r"is a ia3 run; compile turns a token adaptation \(prefix, prompt, "
-                                         r"gated_prefix\) into LoRA \(a ia3 adapter is already weight-space"):
+                                         r"gated_prefix\) into LoRA; a ia3 adapter is already weight-space"):
         compile_prefix(compose_cfg("compile", [f"ckpt={root / 'ia3'}", "~logger"]))
 
 
@@ -211,8 +211,7 @@ def test_stream_capture_is_the_whole_attention_output_at_the_inputs_positions(fa
     """What compile fits to: per layer, h_in + o (o = the adapted attention output, including a gated
     prefix's term that PEFT adds outside o_proj) must give the next layer's input through the block's
     own MLP, at the input's positions (a soft prompt's virtual positions cut off)."""
-    from feta.compiler import prefix_stream
-    from feta.module import input_positions
+    from feta.compile.fit import prefix_stream
 
     root, runs = family
     cfg, _, obj = runs[job]
@@ -284,8 +283,8 @@ def test_interpolating_two_prompts_ends_at_each_run(family):
 
 
 @pytest.mark.parametrize("a,b,match", [
-    ("prompt", "ia3", r"other=.*ia3 is a ia3 run; it needs a prefix or prompt run"),
-    ("prompt", "gated_prefix", r"other=.* is a gated_prefix run"),
+    ("prompt", "ia3", r"analysis\.other=.*ia3: is a ia3 run; interpolate prefix or prompt runs"),
+    ("prompt", "gated_prefix", r"analysis\.other=.* is a gated_prefix run"),
 ])
 def test_interpolating_mismatched_runs_is_a_clear_error(family, a, b, match):
     from feta.interpolation import interpolate

@@ -13,9 +13,8 @@ import torch
 from omegaconf import open_dict
 from peft import PeftModel
 
-from feta.data import DataSpec, load_sst2
 from feta.models import load_base_model
-from feta.module import label_logits
+from feta.scoring import class_log_probs
 from feta.schema import to_spec
 from tests.conftest import ROOT, tiny_train_cfg
 from train import train
@@ -45,14 +44,14 @@ def test_run_writes_contract_and_adapter_round_trips(tmp_path, adapter):
     # Reload with plain PEFT on a fresh base model: the same logits, bit for bit.
     base, _ = load_base_model(to_spec(cfg, "model"))
     batch = _batch(obj["datamodule"])
-    ids = obj["datamodule"].label_ids
+    ids = obj["datamodule"].task.verbalizer_ids
     with torch.no_grad():
         fresh_logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        fresh_label_logits = label_logits(base, batch["input_ids"], batch["attention_mask"], ids)
+        fresh_label_logits = class_log_probs(base, batch["input_ids"], batch["attention_mask"], ids)
     reloaded = PeftModel.from_pretrained(base, str(run / "adapter")).eval()  # wraps `base` in place
     with torch.no_grad():
-        a = label_logits(trained, batch["input_ids"], batch["attention_mask"], ids)
-        b = label_logits(reloaded, batch["input_ids"], batch["attention_mask"], ids)
+        a = class_log_probs(trained, batch["input_ids"], batch["attention_mask"], ids)
+        b = class_log_probs(reloaded, batch["input_ids"], batch["attention_mask"], ids)
         with trained.disable_adapter():
             base_after = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(a, b)
@@ -119,56 +118,3 @@ def test_two_job_multirun_writes_two_runs_in_one_group(tmp_path):
     metrics = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     assert [m["adapter"] for m in metrics] == ["prefix", "lora"]
     assert metrics[0]["wandb_group"] == metrics[1]["wandb_group"] == "-".join(sweep.parts[-2:])
-
-
-def test_missing_data_file_is_named(tmp_path):
-    spec = DataSpec(path=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=rf"data\.path={tmp_path}: neither train\.tsv nor train\.tsv\.gz"):
-        load_sst2(spec)
-
-
-@pytest.mark.parametrize(
-    "content,match",
-    [("text\tlabel\nfoo\t1\n", r"expected a header 'sentence<TAB>label'"),
-     ("sentence\tlabel\ngood film\t1\nbad film\tmaybe\n", r"train\.tsv:3: expected 'sentence<TAB>0\|1'")],
-)
-def test_malformed_data_file_is_named(tmp_path, content, match):
-    (tmp_path / "train.tsv").write_text(content)
-    (tmp_path / "validation.tsv").write_text("sentence\tlabel\nok\t1\n")
-    with pytest.raises(ValueError, match=match):
-        load_sst2(DataSpec(path=str(tmp_path)))
-
-
-def test_shipped_sst2_is_the_glue_split():
-    data = load_sst2(DataSpec())
-    assert len(data["train"]) == 67_349 and len(data["validation"]) == 872
-    assert sum(y for _, y in data["validation"]) == 444  # 428 negative, 444 positive
-
-
-def test_label_logits_are_the_lm_heads_at_the_last_real_token(tmp_path):
-    cfg = tiny_train_cfg(tmp_path)
-    model, tok = load_base_model(to_spec(cfg, "model"))
-    from feta.data import SST2DataModule
-
-    dm = SST2DataModule(to_spec(cfg, "data"), tok, seed=0)
-    batch = _batch(dm, 8)
-    assert (batch["attention_mask"][:, 0] == 1).all() and (batch["attention_mask"] == 0).any()  # right padding
-    with torch.no_grad():
-        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ours = label_logits(model, batch["input_ids"], batch["attention_mask"], dm.label_ids)
-    last = batch["attention_mask"].sum(1) - 1
-    expected = full[torch.arange(8), last][:, dm.label_ids]
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_train_subset_is_seeded_and_deterministic(tmp_path):
-    from feta.data import SST2DataModule
-
-    cfg = tiny_train_cfg(tmp_path)
-    _, tok = load_base_model(to_spec(cfg, "model"))
-    subsets = []
-    for seed in (0, 0, 1):
-        dm = SST2DataModule(to_spec(cfg, "data"), tok, seed=seed)
-        dm.setup()
-        subsets.append(dm.splits["train"])
-    assert len(subsets[0]) == 64 and subsets[0] == subsets[1] and subsets[0] != subsets[2]

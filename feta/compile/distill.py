@@ -1,0 +1,97 @@
+"""Refine a compiled LoRA by distillation from its source prefix (compile methods distill, lstsq+distill).
+
+The student (the compiled LoRA model) learns the teacher's (the prefix model's) output distribution at
+the scored positions (KL: over the classes' verbalizer scores, or over the vocabulary at each target
+token for generation) plus its hidden states (MSE): `distill_hidden=final` matches the last layer's
+output only, which leaves the intermediate layers free to drift; `layers` matches every layer's output
+relative to the prefix-induced change (the residual compile.json reports, squared), at the scored
+positions (what the task reads) and at all content tokens (what later tokens attend to; a classified
+token is one in ~17), weighted last_weight : 1 (1 = half each; preset=faithful uses 3). Attention
+sinks, detected in the base model as in the closed form, are left out of the content term because their
+change swamps every other token's.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from feta.compile.spec import CompileSpec, DistillHidden, Schedule
+from feta.compile.tokens import sinks_in
+from feta.scoring import class_log_probs, input_positions, scored_logits
+
+
+class DistillModule(L.LightningModule):
+    """`verbalizer_ids`: the classes' token ids (classification), or None (generation: every target token)."""
+
+    def __init__(self, student, teacher, verbalizer_ids: list[list[int]] | None, lr: float,
+                 hidden: DistillHidden | str = DistillHidden.final, sink_ratio: float = 6.0,
+                 schedule: Schedule | str = Schedule.constant, steps: int = 1, last_weight: float = 1.0) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.teacher.requires_grad_(False)
+        self.verbalizer_ids, self.lr, self.sink_ratio = verbalizer_ids, lr, sink_ratio
+        self.hidden, self.schedule = DistillHidden(hidden), Schedule(schedule)
+        self.steps, self.last_weight = steps, last_weight
+
+    def _outputs(self, model, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every layer's hidden states (B, T, d) and the log-distribution the task reads at the scored positions."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                    logits_to_keep=1)
+        hs = [input_positions(h, batch["input_ids"]) for h in out.hidden_states[1:]]  # hs[-1]: after the final norm
+        if self.verbalizer_ids is None:
+            scores = scored_logits(model, batch, h=hs[-1])  # (n_target_tokens, V)
+        else:
+            scores = class_log_probs(model, batch["input_ids"], batch["attention_mask"], self.verbalizer_ids, h=hs[-1])
+        return hs, F.log_softmax(scores.float(), -1)
+
+    def training_step(self, batch, batch_idx):
+        mask = batch["attention_mask"].bool()
+        with torch.no_grad():
+            h_t, z_t = self._outputs(self.teacher, batch)
+            if self.hidden is DistillHidden.layers:
+                with self.student.disable_adapter():
+                    h_b, _ = self._outputs(self.student, batch)
+                content = mask & ~sinks_in(h_b[:-1], batch, self.sink_ratio)
+                scored = batch["scored"]
+        h_s, z_s = self._outputs(self.student, batch)
+        kl = F.kl_div(z_s, z_t, log_target=True, reduction="batchmean")
+        if self.hidden is DistillHidden.layers:
+            def rel(s, t, b, sel):  # squared residual of one layer at the selected tokens
+                return (s - t)[sel].pow(2).sum() / (t - b)[sel].pow(2).sum().clamp_min(1e-12)
+
+            w = self.last_weight
+            per_layer = [(rel(s, t, b, content) + w * rel(s, t, b, scored)) / (1 + w) for s, t, b in zip(h_s, h_t, h_b)]
+            mse = torch.stack(per_layer).mean()
+        else:  # relative, so the loss scale does not depend on the model's hidden-state norm
+            mse = (h_s[-1] - h_t[-1])[mask].pow(2).sum() / h_t[-1][mask].pow(2).sum()
+        loss = kl + mse
+        self.log_dict({"distill/kl": kl, "distill/mse": mse}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)
+        if self.schedule is Schedule.constant:
+            return opt
+        # Cosine decay to zero. On SmolLM2 (docs/results/compile_methods.md) a constant lr stopped improving
+        # after 100 steps and 1e-3 was worse than 3e-4; decaying 3e-4 gave +0.5 point and 96.3% agreement at
+        # the same residual, and kept improving with more steps (0.295 -> 0.26 from 100 to 300).
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def distill(student, teacher, datamodule, spec: CompileSpec, seed: int) -> dict:
+    """Run `spec.distill_steps` steps on the run's training examples; returns the final losses."""
+    L.seed_everything(seed + 2, workers=True, verbose=False)
+    loader = torch.utils.data.DataLoader(
+        datamodule.splits["train"], batch_size=spec.distill_batch_size, shuffle=True, collate_fn=datamodule.collate,
+    )
+    verbalizers = getattr(datamodule.task, "verbalizer_ids", None)
+    module = DistillModule(student, teacher.eval(), verbalizers, spec.distill_lr, spec.distill_hidden,
+                           spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight)
+    trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        accelerator="auto", devices=1, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    student.eval()
+    return {"steps": trainer.global_step, **{k: float(v) for k, v in trainer.callback_metrics.items()}}

@@ -1,0 +1,16 @@
+"""Tasks and their data: classification over K verbalized classes, and generation (prompt -> target).
+
+    spec = DataSpec(...)                      # conf/data/*.yaml
+    dm = TaskDataModule(spec, tokenizer)      # examples -> batches (Task.encode)
+    dm.task.encode(examples)                  # input_ids, attention_mask, labels, scored
+"""
+
+from feta.data.datamodule import TaskDataModule, seeded_subset
+from feta.data.files import read_file, read_splits
+from feta.data.spec import DataSource, DataSpec, TaskKind
+from feta.data.tasks import IGNORE, ClassificationTask, GenerationTask, Task, last_real_token, make_task
+
+__all__ = [
+    "IGNORE", "ClassificationTask", "DataSource", "DataSpec", "GenerationTask", "Task", "TaskDataModule", "TaskKind",
+    "last_real_token", "make_task", "read_file", "read_splits", "seeded_subset",
+]

@@ -1,0 +1,116 @@
+"""The LightningModules that train an adapter: classification through verbalizer scores, generation
+through the target tokens' cross-entropy. Only the adapter's parameters train, and checkpoints hold
+only those (with the optimizer, loop and RNG state), so a resumed run continues exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from feta.metrics import classification_metrics
+from feta.scoring import class_log_probs, scored_logits
+
+
+class AdapterModule(L.LightningModule):
+    """What both tasks share: the optimizer over trainable tensors, slim checkpoints, the train mode."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        # Checkpoints keep only trainable tensors (0.7 MB instead of a 515 MB frozen SmolLM2),
+        # so loading one must not demand the frozen keys.
+        self.strict_loading = False
+        self.last_val_step = -1
+        self.start_step = 0
+
+    def on_fit_start(self) -> None:
+        # Base models are loaded in eval mode; train in the mode their config intends (e.g. GPT-2's dropout).
+        self.model.train()
+
+    def on_train_start(self) -> None:
+        self.start_step = self.global_step  # > 0 when resumed from a checkpoint
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val_step = self.global_step
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Dropout draws from torch's global generator; restoring it makes a resumed step draw what the
+        # uninterrupted run drew. A uint8 tensor, so `weights_only=True` loads it.
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            self._rng_to_restore = checkpoint["torch_rng_state"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        state = getattr(self, "_rng_to_restore", None)
+        if state is not None:  # after Lightning's own restore and seeding, just before the first resumed step
+            torch.set_rng_state(state)
+            self._rng_to_restore = None
+
+
+class ClassifierModule(AdapterModule):
+    """K-class classification: cross-entropy over the classes' verbalizer log-probabilities."""
+
+    def __init__(self, model: torch.nn.Module, verbalizer_ids: list[list[int]], lr: float,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(model, lr, weight_decay)
+        self.save_hyperparameters(ignore=["model"])
+        self.val_metrics = classification_metrics(len(verbalizer_ids))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return class_log_probs(self.model, batch["input_ids"], batch["attention_mask"], self.hparams.verbalizer_ids)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].numel())
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        scores = self(batch)
+        n = batch["labels"].numel()
+        self.log("val/loss", F.cross_entropy(scores, batch["labels"]), batch_size=n, sync_dist=True)
+        self.val_metrics.update(scores.argmax(-1), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        values = self.val_metrics.compute()
+        self.log("val/acc", values["val_acc"], prog_bar=True, sync_dist=True)
+        self.log("val/macro_f1", values["macro_f1"], sync_dist=True)
+        self.val_metrics.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(batch).argmax(-1), batch["labels"]
+
+
+class GeneratorModule(AdapterModule):
+    """Generation: cross-entropy on the target tokens only (the prompt's positions carry no label)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> None:
+        super().__init__(model, lr, weight_decay)
+        self.save_hyperparameters(ignore=["model"])
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = scored_logits(self.model, batch)  # (n_target_tokens, V)
+        labels = batch["labels"][batch["scored"]]
+        return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["scored"].sum()))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, token_acc = self.loss(batch)
+        n = int(batch["scored"].sum())
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/token_acc", token_acc, batch_size=n, sync_dist=True)
