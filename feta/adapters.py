@@ -290,15 +290,17 @@ def load_adapter(base_model, path, is_trainable: bool = False):
         return PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
 
 
-def compiled_lora_config(rank: int, modules: list[str], bias: bool, arch: str) -> LoraConfig:
+def compiled_lora_config(rank: int, modules: list[str], bias: bool, arch: str, rank_one: list[str] = ()) -> LoraConfig:
     """The LoRA a compiled prefix is written into: scale alpha/r = 1 so B·A is the fitted ΔW.
 
-    rank 0 (bias only) keeps one zero rank slot: PEFT needs r >= 1.
+    rank 0 (bias only) keeps one zero rank slot: PEFT needs r >= 1. `rank_one`: modules (full names, also in
+    `modules`) that get rank 1 whatever `rank` is (the sink edit on k_proj and v_proj).
     """
     r = max(rank, 1)
+    pattern = {name: 1 for name in rank_one}
     return LoraConfig(
         task_type="CAUSAL_LM", r=r, lora_alpha=r, target_modules=modules, lora_bias=bias,
-        fan_in_fan_out=arch == "gpt2", lora_dropout=0.0,
+        fan_in_fan_out=arch == "gpt2", lora_dropout=0.0, rank_pattern=pattern, alpha_pattern=pattern,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -441,3 +442,101 @@ def test_lstsq_distill_starts_o_in_closed_form_and_trains_v_from_zero(llama_pref
     v_B = [w for k, w in weights.items() if "v_proj.lora_B" in k and k.endswith("weight")]
     assert len(v_B) == 2 and all(w.abs().max() > 0 for w in v_B)  # distillation moved them off zero
     assert rec["bias"] is True and rec["merge"]["max_abs_logit_diff"] < 1e-4  # v_proj's lora_bias merges too
+
+
+# ------------------------------------------------------------------ method=sink: the prefix merged into the sink slot
+
+
+def test_sink_key_is_exact_when_the_prefix_is_a_second_sink():
+    """Known answer: one prefix slot equal to the sink (key and value). logsumexp of two equal logits is the
+    sink's logit + log 2, a constant shift, so the merged key is exact when the queries carry a constant
+    component (q = [1, r]): δ_k = (log 2 / scale)·e_0; the value mix is the sink's own value, δ_v = 0."""
+    from feta.compile.sink import merged_key_value
+
+    g = torch.Generator().manual_seed(0)
+    n, d, scale = 300, 8, 8 ** -0.5
+    q = torch.cat([torch.ones(n, 1), torch.randn(n, d - 1, generator=g)], 1).double()
+    k_sink, v_sink = torch.randn(d, generator=g).double(), torch.randn(d, generator=g).double()
+    content_lse = torch.randn(n, generator=g).double()
+    dk, dv, stats = merged_key_value(q, q, k_sink.expand(n, d), v_sink.expand(n, d), k_sink[None], v_sink[None],
+                                     content_lse, scale)
+    want = torch.zeros(d, dtype=torch.float64)
+    want[0] = math.log(2) / scale
+    torch.testing.assert_close(dk, want, atol=1e-5, rtol=0)
+    assert dv.abs().max() < 1e-12 and stats["key_fit_residual"] < 1e-5
+    # Without the constant component no single key is exact: the fit is a compromise, and says so.
+    _, _, loose = merged_key_value(q[:, 1:], q[:, 1:], k_sink[1:].expand(n, d - 1), v_sink[1:].expand(n, d - 1),
+                                   k_sink[None, 1:], v_sink[None, 1:], content_lse, scale)
+    assert loose["key_fit_residual"] > 0.5
+
+
+def test_sink_direction_annihilates_content_in_the_calibration_span():
+    """u: uᵀx_sink = 1, and uᵀx ≈ 0 for any input in the span of the calibration content inputs (here a
+    5-dimensional subspace of 16), including inputs not seen in the fit."""
+    from feta.compile.sink import sink_direction
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(5, 16, generator=g).double()
+    x_content = torch.randn(400, 5, generator=g).double() @ basis
+    x_sink = torch.randn(1, 16, generator=g).double() * 3
+    u, stats = sink_direction(x_content, x_sink.expand(20, 16))
+    assert abs(float(x_sink[0] @ u) - 1) < 1e-9 and stats["leak_rms"] < 1e-2
+    unseen = torch.randn(50, 5, generator=g).double() @ basis
+    assert float((unseen @ u).abs().max()) < 2e-2
+
+
+def _sink_at_start(monkeypatch):
+    """A random tiny Llama has no massive-activation token; mark each sequence's first token as its sink,
+    as SmolLM2's is, so method=sink runs its own path instead of falling back."""
+    import feta.compile.pipeline as pipeline
+
+    def first_token(base_model, batch, ratio):
+        sinks = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        sinks[:, 0] = True
+        return sinks
+
+    monkeypatch.setattr(pipeline, "find_sinks", first_token)
+
+
+def test_sink_edit_moves_only_the_sink_and_merges(llama_prefix_run, tmp_path, monkeypatch):
+    """method=sink target=none on llama_tiny: rank-1 LoRAs on k_proj and v_proj whose change of the keys at
+    layer 0 (same inputs in both models) is δ at the sink and at most the recorded leak elsewhere; the
+    merged model equals the unmerged adapter; the compiled model is closer to the prefix than the base."""
+    from safetensors.torch import load_file
+
+    _sink_at_start(monkeypatch)
+    out = tmp_path / "sink"
+    rec = compile_prefix(compile_cfg(llama_prefix_run, "method=sink", "target=none", "merge=true", f"out_dir={out}"))
+    assert "fallback" not in rec["fit_stats"]["sink"] and rec["merge"]["max_abs_logit_diff"] < 1e-4
+    weights = load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert {k.split(".")[-3] for k in weights if "lora_A" in k} == {"k_proj", "v_proj"}
+    assert all(w.shape[0] == 1 for k, w in weights.items() if "lora_A" in k)  # rank 1
+    layer0 = rec["fit_stats"]["modules"]["model.layers.0.self_attn"]
+    base, tok = load_base_model(runs.run_specs(runs.load_run_config(llama_prefix_run))[0])
+    compiled = PeftModel.from_pretrained(copy.deepcopy(base), str(out / "adapter")).eval()
+    batch = dict(tok(["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"], padding=True, return_tensors="pt"))
+    keys = {}
+    for name, model in (("base", base), ("compiled", compiled)):
+        grabbed = []
+        attn = (model.get_base_model() if name == "compiled" else model).model.layers[0].self_attn
+        hook = attn.k_proj.register_forward_hook(lambda m, a, o: grabbed.append(o))
+        with torch.no_grad():
+            model(**batch)
+        hook.remove()
+        keys[name] = grabbed[0]
+    change = (keys["compiled"] - keys["base"]).norm(dim=-1)  # (B, T)
+    real = batch["attention_mask"].bool()
+    sink_change, content_change = change[:, 0], change[:, 1:][real[:, 1:]]
+    assert sink_change.min() > 0.1
+    assert float(content_change.max() / sink_change.min()) <= layer0["leak_max"] * 1.05 + 1e-6
+    assert rec["residual_last_mean"] < 1.0  # nearer the prefix than the base model is
+
+
+def test_sink_falls_back_without_a_sink_and_says_so(llama_prefix_run, tmp_path):
+    """A random tiny Llama parks no attention on its first token: method=sink warns, records why, and
+    gives exactly the closed form's result."""
+    with pytest.warns(UserWarning, match=r"method=sink falls back to the closed form"):
+        rec = compile_prefix(compile_cfg(llama_prefix_run, "method=sink", f"out_dir={tmp_path / 's'}"))
+    plain = compile_prefix(compile_cfg(llama_prefix_run, f"out_dir={tmp_path / 'l'}"))
+    assert "first token is an attention sink in" in rec["fit_stats"]["sink"]["fallback"]
+    assert rec["residual_last_mean"] == plain["residual_last_mean"]

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from feta.compile.sink import collect_rows
+from feta.compile.sink import fit_layer as fit_sink_layer
 from feta.compile.spec import ATTENTION, CLOSED_FORM, MLP, MODULE_PATTERNS, CompileSpec, FitPositions, Match
 from feta.errors import UserError
 from feta.scoring import input_positions
@@ -75,7 +77,7 @@ def target_modules(model: torch.nn.Module, arch: str, target: str) -> dict[str, 
     """{module name: (layer index, module kind)} for `target` ("o", "o+mlp", ...), layer by layer."""
     found = {}
     patterns = MODULE_PATTERNS[arch]
-    for kind in target.split("+"):
+    for kind in [k for k in target.split("+") if k != "none"]:
         if kind not in patterns:
             raise UserError("target", f"{target}: {kind} is not a module kind of {arch}",
                             f"use {', '.join(patterns)} (joined by +)")
@@ -152,10 +154,23 @@ def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, mlp: bool =
 
 
 
+class SinkPlan(NamedTuple):
+    """What `method=sink` needs besides the streams (feta/compile/sink.py): per layer the prefix's keys and
+    values (n_kv, m, d), the model's rotary embedding, m, and per micro-batch the (B, T) content rows."""
+
+    prefix_kv: list[tuple[Tensor, Tensor]]
+    rotary: torch.nn.Module
+    m: int
+    content: list[Tensor]
+
+
 def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[str, Tensor]],
-              weights: list[Tensor], arch: str, spec: CompileSpec, sinks: list[Tensor] | None = None) -> dict[str, dict]:
+              weights: list[Tensor], arch: str, spec: CompileSpec, sinks: list[Tensor] | None = None,
+              sink_plan: SinkPlan | None = None) -> dict[str, dict]:
     """Fit every target module's LoRA in one forward pass of the compiled model over all micro-batches
-    (`prefix[j]`, `weights[j]`, `sinks[j]` belong to `batches[j]`; see the module docstring).
+    (`prefix[j]`, `weights[j]`, `sinks[j]` belong to `batches[j]`; see the module docstring). With a
+    `sink_plan`, each layer's attention first merges the prefix into the sink slot (rank-1 LoRAs on
+    k_proj and v_proj), and the closed-form modules of that layer are fitted on top.
 
     An MLP LoRA must leave the sink tokens as they are: their MLP input is where the massive activation
     is made, so a map fitted without them acts hugely there and the model loses its attention sink
@@ -163,12 +178,22 @@ def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[st
     base = lora_model.get_base_model()
     # With lstsq+distill, q/k/v start at zero (PEFT's init) and only the distillation moves them.
     names = {n: v for n, v in target_modules(base, arch, spec.target).items() if v[1] in CLOSED_FORM}
+    if sink_plan is not None:  # the attention modules, fitted at their entry
+        names = {**{n: (i, "sink") for i, n in _numbered_modules(base, ATTENTION[arch], arch).items()}, **names}
     if any(kind == "mlp" for _, kind in names.values()) and prefix[0][0].mlp is None:
         raise ValueError(f"target={spec.target} fits the MLP: capture it with prefix_stream(..., mlp=True)")
     arrived = {name: [None] * len(batches) for name in names}  # per module, per micro-batch: (x, delta, w)
     local, stats, errors = threading.local(), {}, []
 
     def fit_module(name: str) -> None:  # the barrier's action: one thread runs it, all others wait
+        if names[name][1] == "sink":
+            parts, arrived[name] = arrived[name], None
+            attn = base.get_submodule(name)
+            pk, pv = sink_plan.prefix_kv[names[name][0]]
+            dk, dv, u, stats[name] = fit_sink_layer(parts, pk, pv, attn.scaling)
+            _write_lora(attn.k_proj, u[None], dk[:, None], None)
+            _write_lora(attn.v_proj, u[None], dv[:, None], None)
+            return
         x, delta, w = (torch.cat(parts) for parts in zip(*arrived[name]))
         arrived[name] = None
         A, B, b = reduced_rank_fit(x, delta, spec.rank, spec.ridge, spec.bias, w)
@@ -196,6 +221,12 @@ def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[st
         arrived[name][j] = (x[select], delta[select], w[select])
         barriers[name].wait()
 
+    def arrive_sink(module, args, kwargs, name):
+        j, mask = local.j, batches[local.j]["attention_mask"].bool()
+        arrived[name][j] = collect_rows(module, sink_plan.rotary, kwargs["hidden_states"], kwargs["position_embeddings"],
+                                        mask, sink_plan.m, sink_plan.content[j])
+        barriers[name].wait()
+
     def record(i, key, x):  # hooks fire in layer order, so only the current layer's tensors are kept
         local.stream[key] = x
 
@@ -211,12 +242,19 @@ def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[st
             for barrier in barriers.values():
                 barrier.abort()
 
-    with _stream_hooks(base, arch, record, arrive, names):
-        threads = [threading.Thread(target=run, args=(j,)) for j in range(len(batches))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    closed = {n: v for n, v in names.items() if v[1] != "sink"}
+    sink_hooks = [base.get_submodule(n).register_forward_pre_hook(
+        lambda mod, a, k, n=n: arrive_sink(mod, a, k, n), with_kwargs=True) for n, v in names.items() if v[1] == "sink"]
+    try:
+        with _stream_hooks(base, arch, record, arrive, closed):
+            threads = [threading.Thread(target=run, args=(j,)) for j in range(len(batches))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        for hook in sink_hooks:
+            hook.remove()
     if errors:
         raise errors[0]
     return stats
@@ -234,5 +272,7 @@ def _write_lora(module, A: Tensor, B: Tensor, b: Tensor | None) -> None:
     lora_B.weight[:, : B.shape[1]] = B.to(dtype)
     if b is not None:
         lora_B.bias.copy_(b.to(dtype))
+    elif lora_B.bias is not None:
+        lora_B.bias.zero_()
     assert module.scaling[name] == 1.0, f"compiled LoRA expects scale 1, got {module.scaling[name]} (r={r})"
 

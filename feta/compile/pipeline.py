@@ -20,7 +20,9 @@ from torch import Tensor
 from feta import runs
 from feta.adapters import TOKEN_KINDS, compiled_lora_config, load_adapter, merge_checked
 from feta.compile.distill import distill
-from feta.compile.fit import fit_lstsq, prefix_stream, target_modules
+from feta.compile.fit import SinkPlan, fit_lstsq, prefix_stream, target_modules
+from feta.compile.sink import prefix_key_values as sink_key_values
+from feta.compile.sink import supports as sink_supports
 from feta.compile.spec import CompileSpec, Method
 from feta.compile.tokens import find_sinks, fit_weights, micro_batches, sinks_in
 from feta.data import TaskDataModule, seeded_subset
@@ -30,6 +32,8 @@ from feta.scoring import input_positions
 
 # Calibration examples per micro-batch (see feta/compile/fit.py).
 MICRO_BATCH = 32
+# method=sink needs the first token to be the sink in (nearly) every sequence.
+SINK_AT_START = 0.9
 
 
 def check_source(run_dir: str | Path, model_override: str | None = None):
@@ -82,6 +86,8 @@ def layer_residuals(base_model, prefix_model, compiled_model, batches: list[dict
 
 
 def _check_rank(base, names: dict, spec: CompileSpec) -> None:
+    if not names:  # method=sink target=none: only the rank-1 sink edit
+        return
     width = min(min(base.get_submodule(n).weight.shape) for n in names)
     if spec.rank > width:
         raise UserError("rank", f"rank={spec.rank} exceeds the width of {spec.target} ({width})", f"use rank <= {width}")
@@ -96,17 +102,39 @@ def _warn_absolute_positions(cfg, model_spec, base) -> None:
         )
 
 
+def _sink_plan(base, prefix_model, batches: list[dict], sinks: list[Tensor], arch: str) -> tuple[SinkPlan | None, dict]:
+    """What method=sink needs, or None and the reason it falls back to the closed form alone."""
+    reason = sink_supports(prefix_model, arch)
+    share = float(torch.cat([s[:, 0] for s in sinks]).float().mean())  # sequences whose first token is a sink
+    if reason is None and share < SINK_AT_START:
+        reason = (f"the first token is an attention sink in {share:.0%} of calibration sequences (needs "
+                  f">= {SINK_AT_START:.0%}): no fixed sink slot to merge into")
+    if reason is not None:
+        warnings.warn(f"method=sink falls back to the closed form on `target` alone: {reason}")
+        return None, {"fallback": reason, "sink_at_start": share}
+    m = prefix_model.active_peft_config.num_virtual_tokens
+    content = [b["attention_mask"].bool() & ~s & (torch.arange(s.shape[1]) > 0) for b, s in zip(batches, sinks)]
+    plan = SinkPlan(sink_key_values(prefix_model, m), base.model.rotary_emb, m, content)
+    return plan, {"sink_at_start": share, "m": m}
+
+
 def _fit(base, prefix_model, dm: TaskDataModule, calib: dict, spec: CompileSpec, arch: str, seed: int):
     """The compiled PEFT LoRA model and its fit statistics."""
-    names = target_modules(base, arch, spec.target)
     batches = micro_batches(calib, MICRO_BATCH)
-    compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(spec.rank, list(names), spec.bias, arch)).eval()
     stats, positions = {}, {}
-    if spec.method in (Method.lstsq, Method.lstsq_distill):
-        streams = [prefix_stream(prefix_model, b, arch, mlp="mlp" in spec.module_kinds) for b in batches]
-        sinks = [find_sinks(base, b, spec.sink_ratio) for b in batches]
+    sinks = [find_sinks(base, b, spec.sink_ratio) for b in batches] if spec.method is not Method.distill else []
+    plan = None
+    if spec.method is Method.sink:
+        plan, stats["sink"] = _sink_plan(base, prefix_model, batches, sinks, arch)
+    names = list(target_modules(base, arch, spec.target))
+    kv = [n for n in target_modules(base, arch, "k+v")] if plan is not None else []
+    compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(spec.rank, names + kv, spec.bias, arch, kv)).eval()
+    if spec.method is not Method.distill:
+        # method=sink with target=none fits no module from the streams: skip capturing them.
+        streams = ([prefix_stream(prefix_model, b, arch, mlp="mlp" in spec.module_kinds) for b in batches]
+                   if names else [{} for _ in batches])
         weights, positions = fit_weights(batches, sinks, spec)
-        stats["modules"] = fit_lstsq(compiled, streams, batches, weights, arch, spec, sinks)
+        stats["modules"] = fit_lstsq(compiled, streams, batches, weights, arch, spec, sinks, plan)
     if spec.method in (Method.distill, Method.lstsq_distill):
         stats["distill"] = distill(compiled, prefix_model, dm, spec, seed)
     return compiled.eval(), stats, positions

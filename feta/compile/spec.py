@@ -19,7 +19,7 @@ MODULE_PATTERNS = {
               "mlp": r"layers\.(\d+)\.mlp\.down_proj"},
     "gpt2": {"qkv": r"h\.(\d+)\.attn\.c_attn", "o": r"h\.(\d+)\.attn\.c_proj", "mlp": r"h\.(\d+)\.mlp\.c_proj"},
 }
-MODULE_KINDS = ("q", "k", "v", "qkv", "o", "mlp")
+MODULE_KINDS = ("q", "k", "v", "qkv", "o", "mlp", "none")
 # The closed form fits a per-token linear map of the module's input, which o and the MLP's output
 # projection are; a LoRA on q/k/v acts through the attention softmax and mixing, so only distill fits it.
 CLOSED_FORM = ("o", "mlp")
@@ -33,6 +33,7 @@ class Method(str, Enum):
     lstsq = "lstsq"  # closed form, no gradient steps
     distill = "distill"  # gradient steps from PEFT's zero init
     lstsq_distill = "lstsq+distill"  # the closed form, then gradient steps
+    sink = "sink"  # the prefix merged into the attention sink's slot (k/v), then the closed form on `target`
 
 
 class FitPositions(str, Enum):
@@ -101,6 +102,12 @@ class CompileSpec:
         if unknown or len(set(kinds)) != len(kinds):
             raise UserError("target", f"unknown or repeated module kind {(unknown or kinds)[0]!r} in {self.target!r}",
                             f"join module kinds from {', '.join(MODULE_KINDS)} with '+', each once (e.g. o or o+mlp)")
+        if "none" in kinds and (self.method is not Method.sink or len(kinds) > 1):
+            raise UserError("target", "none (no closed-form modules) goes only with method=sink, alone",
+                            "use target=none with method=sink, or a module kind")
+        if self.method is Method.sink and not set(kinds) <= {*CLOSED_FORM, "none"}:
+            raise UserError("target", f"{self.target}: method=sink adds only closed-form modules "
+                            f"({', '.join(CLOSED_FORM)}) or none", "use target=o (default) or target=none")
         if self.method is Method.lstsq and not set(kinds) <= set(CLOSED_FORM):
             raise UserError("target", f"{self.target} needs method=distill or lstsq+distill: the closed form fits "
                             f"only per-token maps ({', '.join(CLOSED_FORM)})", "use target=o or a distill method")
@@ -113,7 +120,7 @@ class CompileSpec:
             raise UserError("rank", f"must be an int >= 0 (LoRA rank; 0 = bias only), got {self.rank!r}", "e.g. rank=4")
         if self.rank == 0 and not self.bias:
             raise UserError("rank", "rank=0 with bias=false leaves nothing to fit", "set rank >= 1 or bias=true")
-        if self.rank == 0 and self.method is not Method.lstsq:
+        if self.rank == 0 and self.method not in (Method.lstsq, Method.sink):
             raise UserError("rank", f"rank=0 (bias only) needs method=lstsq, got method={self.method.value}",
                             "set rank >= 1")
         if self.bias and self.method is Method.distill:
