@@ -3,8 +3,10 @@
     python benchmarks/compile_quality.py                       # the newest smollm2 prefix run under multirun/
     python benchmarks/compile_quality.py --ckpt <prefix run> [--methods default,bias_only] [--val-limit 872]
 
-Compiles the prefix with each method into <run>/bench-<method>/, evaluates it on the validation set
-(evaluate.py's code), and prints one markdown table; also writes benchmarks/results/compile_quality.csv.
+Compiles the prefix with each method into <run>/bench-<method>/ by running compile.py in a subprocess
+(the measured code path and wall time are exactly the command's, model load included), evaluates it on
+the validation set (evaluate.py's code), and prints one markdown table; also writes
+benchmarks/results/compile_quality.csv.
 Targets: default r=4 within 1.5 points of the prefix, >= 94% agreement, <= 2 min;
 distill methods within 0.5 point, >= 95% agreement; at r=4 within 1.0 point, >= 95% agreement and a
 mean per-layer residual <= 0.3 (met by preset=faithful); merged prefill latency <= 1.02x base.
@@ -13,25 +15,23 @@ mean per-layer residual <= 0.3 (met by preset=faithful); merged prefill latency 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-from hydra import compose, initialize
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # compile.py, the entry point whose exact code path is measured
+from feta import runs
+from feta.evaluation import evaluate_run
 
-from compile import compile_prefix  # noqa: E402
-from feta import runs  # noqa: E402
-from feta.evaluation import evaluate_run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 # Each name's settings are the exact ones measured for docs/results/compile_methods.md; rows measured
-# without a bias and with 256 calibration sentences pin those two settings.
-OLD = ["bias=false", "calib_size=256"]
+# without a bias and with 256 calibration examples pin those two settings.
+NO_BIAS_256 = ["bias=false", "calib_size=256"]
 METHODS = {
-    "all_tokens": ["rank=4", "fit_positions=all", *OLD],
+    "all_tokens": ["rank=4", "fit_positions=all", *NO_BIAS_256],
     "default": ["rank=4"],
     "default_calib1": ["rank=4", "calib_seed=1"],
     "default_calib2": ["rank=4", "calib_seed=2"],
@@ -41,7 +41,7 @@ METHODS = {
     "r16_bias": ["rank=16", "bias=true", "calib_size=256"],
     "bias_only": ["rank=0", "bias=true", "calib_size=256"],
     "distill": ["rank=4", "method=distill", "distill_steps=250", "distill_lr=1e-3"],
-    "lstsq+distill": ["rank=4", "method=lstsq+distill", "distill_steps=100", "distill_lr=3e-4", *OLD],
+    "lstsq+distill": ["rank=4", "method=lstsq+distill", "distill_steps=100", "distill_lr=3e-4", *NO_BIAS_256],
     # conf/preset/faithful.yaml: q+k+v+o, layer loss, classified token x3, cosine lr, 300 steps (README)
     "faithful": ["rank=4", "preset=faithful"],
     "faithful_100": ["rank=4", "preset=faithful", "distill_steps=100"],
@@ -50,14 +50,14 @@ METHODS = {
 # Attempts at better fits and at the open goal (no gradient steps, within 0.5 point, >= 97%
 # agreement), and the target-module study: run with --methods.
 EXPLORE = {
-    "last_w10": ["rank=4", "last_weight=10", *OLD],
-    "last_w100": ["rank=4", "last_weight=100", *OLD],
+    "last_w10": ["rank=4", "last_weight=10", *NO_BIAS_256],
+    "last_w100": ["rank=4", "last_weight=100", *NO_BIAS_256],
     "r16_bias_last_w10": ["rank=16", "bias=true", "last_weight=10", "calib_size=256"],
     "r64_bias_last_w10": ["rank=64", "bias=true", "last_weight=10", "calib_size=256"],
-    "last_only": ["rank=4", "fit_positions=last", *OLD],
-    "stream": ["rank=4", "match=stream", *OLD],
-    "o_mlp": ["rank=4", "target=o+mlp", *OLD],
-    "o_mlp_stream": ["rank=4", "target=o+mlp", "match=stream", *OLD],
+    "last_only": ["rank=4", "fit_positions=last", *NO_BIAS_256],
+    "stream": ["rank=4", "match=stream", *NO_BIAS_256],
+    "o_mlp": ["rank=4", "target=o+mlp", *NO_BIAS_256],
+    "o_mlp_stream": ["rank=4", "target=o+mlp", "match=stream", *NO_BIAS_256],
     "lstsq+distill_layers_last": ["rank=4", "method=lstsq+distill", "distill_steps=100", "distill_lr=3e-4",
                                   "distill_hidden=layers"],
     "lstsq+distill_qkvo_layers": ["rank=4", "method=lstsq+distill", "target=q+k+v+o", "distill_steps=100",
@@ -78,6 +78,17 @@ EXPLORE = {
 SETTINGS = {**METHODS, **EXPLORE}
 
 
+def compile_command(ckpt: Path, out: Path, settings: list[str]) -> dict:
+    """Run `python compile.py` with `settings` into `out`; returns its compile.json. Hydra's log of the
+    command goes to <ckpt>/.hydra-<out name>/ (dot directories are not runs)."""
+    cmd = [sys.executable, str(ROOT / "compile.py"), f"ckpt={ckpt}", f"out_dir={out}", "overwrite=true", "~logger",
+           f"hydra.run.dir={ckpt / ('.hydra-' + out.name)}", *settings]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return runs.read_json(out / runs.COMPILE, "compile.py")
+
+
 def newest_prefix_run(model: str) -> Path:
     candidates = []
     for cfg_path in (ROOT / "multirun").rglob(runs.CONFIG):
@@ -93,7 +104,7 @@ def newest_prefix_run(model: str) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(SETTINGS)}")
@@ -109,14 +120,9 @@ def main() -> None:
     rows = []
     for name in args.methods.split(","):
         out = ckpt / f"bench-{name}"
-        with initialize(config_path="../conf", version_base="1.3"):
-            cfg = compose("compile", [f"ckpt={ckpt}", f"out_dir={out}", "overwrite=true", "~logger", *SETTINGS[name]])
         t0 = time.perf_counter()
-        rec = compile_prefix(cfg)
+        rec = compile_command(ckpt, out, SETTINGS[name])
         wall = time.perf_counter() - t0
-        from hydra.core.global_hydra import GlobalHydra
-
-        GlobalHydra.instance().clear()
         ev = evaluate_run(out, eval_settings)
         merged = next(r for r in ev["latency"]["rows"] if r["name"] == "merged" and r["phase"] == "prefill")
         rows.append({
@@ -134,7 +140,7 @@ def main() -> None:
     df = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    print(f"\nprefix: {100 * source['val_acc']:.1f}% on {source['val_size']} sentences ({ckpt})")
+    print(f"\nprefix: {100 * source['val_acc']:.1f}% on {source['val_size']} validation inputs ({ckpt})")
     print(df.to_markdown(index=False, floatfmt=".3f"))
 
 

@@ -10,27 +10,24 @@ With --prefix-run (a train.py run directory: config.yaml + adapter/), the base m
 come from the run's config, the text init from its adapter.init_text; --lora-run must use the same model.
 Writes <out>/<name>/equivalence.json, linearity.png, span_grid.png and prefix_spectrum.png.
 Real models are large: pass a few --layers and --heads (each layer/head costs per-head SVDs of
-(N·d_head) × (2·m·d_head) Jacobians), and fewer --sentences.
+(N·d_head) × (2·m·d_head) Jacobians), and fewer --prompts.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+
+from feta.adapters import DEFAULT_INIT_TEXT, LoraSpec, PrefixSpec, build_adapter, load_adapter
+from feta.data import DataSpec, TaskDataModule
+from feta.equivalence import analyze
+from feta.models import ModelSpec, load_base_model
+from feta.runs import adapter_dir, load_run_config, run_specs
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing feta
-
-from feta.adapters import DEFAULT_INIT_TEXT, LoraSpec, PrefixSpec, build_adapter, load_adapter  # noqa: E402
-from feta.data import DataSpec, SST2DataModule  # noqa: E402
-from feta.equivalence import analyze  # noqa: E402
-from feta.models import ModelSpec, load_base_model  # noqa: E402
-from feta.runs import adapter_dir, load_run_config  # noqa: E402
 
 TINY = {  # conf/model/gpt2_tiny.yaml and llama_tiny.yaml, with room for m + max_length positions
     "gpt2_tiny": ModelSpec(name="gpt2_tiny", source="random", arch="gpt2", tokenizer="gpt2",
@@ -41,9 +38,9 @@ TINY = {  # conf/model/gpt2_tiny.yaml and llama_tiny.yaml, with room for m + max
 }
 
 
-def sentences(tokenizer, data: DataSpec, n: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n SST-2 validation prompts, right-padded: the fixed data of the analysis."""
-    texts = SST2DataModule(data, tokenizer).sentences("validation", n)
+def prompt_batch(tokenizer, data: DataSpec, n: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n validation prompts, right-padded: the fixed data of the analysis."""
+    texts = TaskDataModule(data, tokenizer).prompts("validation", n)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
@@ -68,7 +65,7 @@ def run_models(prefix_run: Path, lora_run: Path | None):
     cfg = load_run_config(prefix_run)
     if cfg.adapter.kind != "prefix":
         raise ValueError(f"--prefix-run={prefix_run} holds a {cfg.adapter.kind} run (adapter.kind); pass a prefix run")
-    spec = ModelSpec(**OmegaConf.to_object(cfg.model))
+    spec, data, _ = run_specs(cfg)
     base, tok = load_base_model(spec)
     prefix = load_adapter(load_base_model(spec)[0], adapter_dir(prefix_run))
     lora = None
@@ -76,14 +73,14 @@ def run_models(prefix_run: Path, lora_run: Path | None):
         lcfg = load_run_config(lora_run)
         if lcfg.adapter.kind != "lora":
             raise ValueError(f"--lora-run={lora_run} holds a {lcfg.adapter.kind} run (adapter.kind); pass a LoRA run")
-        if OmegaConf.to_container(lcfg.model) != OmegaConf.to_container(cfg.model):
+        if run_specs(lcfg)[0] != spec:
             raise ValueError(f"--lora-run uses model {lcfg.model.name}, --prefix-run {cfg.model.name}: "
                              "they must share the base model")
         lora = load_adapter(load_base_model(spec)[0], adapter_dir(lora_run))
     init_ids = None
     if cfg.adapter.get("init") == "text":
         init_ids = torch.tensor(tok(cfg.adapter.init_text, add_special_tokens=False)["input_ids"])
-    return base, prefix, lora, tok, init_ids, DataSpec(**OmegaConf.to_object(cfg.data)), spec.name
+    return base, prefix, lora, tok, init_ids, data, spec.name
 
 
 def main() -> None:
@@ -91,7 +88,7 @@ def main() -> None:
     p.add_argument("--prefix-run", type=Path, help="train.py run directory of a prefix (default: tiny random models)")
     p.add_argument("--lora-run", type=Path, help="train.py run directory of a LoRA on the same model")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "equivalence", help="results go to <out>/<model name>/")
-    p.add_argument("--sentences", type=int, default=12, help="SST-2 validation prompts (first half fitted, rest held out)")
+    p.add_argument("--prompts", type=int, default=12, help="validation prompts (first half fitted, rest held out)")
     p.add_argument("--max-length", type=int, default=24, help="truncate prompts to this many tokens")
     p.add_argument("--layers", type=int, nargs="+", help="layer indices (default: all)")
     p.add_argument("--heads", type=int, nargs="+", help="key/value head indices (default: all)")
@@ -110,9 +107,7 @@ def main() -> None:
     for name, build in jobs:
         start = time.perf_counter()
         base, prefix, lora, tok, init_ids, data, model_name = build()
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        ids, mask = sentences(tok, data, args.sentences, args.max_length)
+        ids, mask = prompt_batch(tok, data, args.prompts, args.max_length)
         print(f"\n## {model_name}: {int(mask.sum())} real tokens in {len(ids)} prompts")
         res = analyze(base, prefix, lora, ids, mask, args.out / model_name, layers=args.layers, heads=args.heads,
                       ms=tuple(args.ms), rs=tuple(args.rs), init_ids=init_ids, rtol=args.rtol, draws=args.draws)

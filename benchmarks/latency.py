@@ -12,24 +12,21 @@ that merging really changes the weights).
 from __future__ import annotations
 
 import argparse
-import copy
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize
 from peft import get_peft_model
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing feta
+from feta.adapters import LoraSpec, PrefixSpec, build_adapter, compiled_lora_config, merged_copy
+from feta.compile.fit import target_modules
+from feta.latency import Setting, compare
+from feta.models import ModelSpec, load_base_model
+from feta.schema import to_spec
 
-from feta.adapters import LoraSpec, PrefixSpec, build_adapter, compiled_lora_config  # noqa: E402
-from feta.compiler import target_modules  # noqa: E402
-from feta.latency import Setting, compare  # noqa: E402
-from feta.models import ModelSpec, load_base_model  # noqa: E402
-
+RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 1.02  # merged LoRA and compiled prefix must cost the base model, within this ratio
 NOISE = 0.05  # two CPU runs of the same model differ by up to 5% (docs/results/latency.md)
 
@@ -41,10 +38,9 @@ QUICK = dict(prompt_len=8, decode_tokens=4, min_run_time=0.05,
 
 
 def model_spec() -> ModelSpec:
-    """conf/model/gpt2_small_random.yaml (GPT-2 small's exact shape) without its Hydra defaults list."""
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "gpt2_small_random.yaml"))
-    cfg.pop("defaults", None)
-    return ModelSpec(**cfg)
+    """conf/model/gpt2_small_random.yaml: GPT-2 small's exact shape."""
+    with initialize(config_path="../conf", version_base="1.3"):
+        return to_spec(compose("train", ["model=gpt2_small_random"]), "model")
 
 
 def randomize_lora_b(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
@@ -57,18 +53,13 @@ def randomize_lora_b(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Modu
     return model
 
 
-def merged(peft_model: torch.nn.Module) -> torch.nn.Module:
-    # On a copy: merge_and_unload edits the model in place, and the unmerged one is measured too.
-    return copy.deepcopy(peft_model).merge_and_unload()
-
-
 def compiled(spec: ModelSpec, r: int = 4) -> torch.nn.Module:
     """What compile.py produces, merged: a rank-r LoRA on each layer's attention output projection
     (attn.c_proj; a bare "c_proj" target would also hit mlp.c_proj), built with the compiler's own config."""
     base, _ = load_base_model(spec)
     names = list(target_modules(base, spec.arch, "o"))
     config = compiled_lora_config(r, names, bias=False, arch=spec.arch)
-    return randomize_lora_b(get_peft_model(base, config)).merge_and_unload()
+    return merged_copy(randomize_lora_b(get_peft_model(base, config)))
 
 
 def candidates(spec: ModelSpec, tokenizer, quick: bool) -> dict[str, torch.nn.Module]:
@@ -79,7 +70,7 @@ def candidates(spec: ModelSpec, tokenizer, quick: bool) -> dict[str, torch.nn.Mo
     for r in rs:
         lora = randomize_lora_b(build_adapter(load_base_model(spec)[0], tokenizer, LoraSpec(r=r), spec.arch))
         out[f"LoRA r={r} unmerged"] = lora
-        out[f"LoRA r={r} merged"] = merged(lora)
+        out[f"LoRA r={r} merged"] = merged_copy(lora)  # a copy: the unmerged one is measured too
     out["compiled r=4 merged"] = compiled(spec)
     return out
 
@@ -107,14 +98,6 @@ def table(rows: list[dict]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def markdown(df: pd.DataFrame) -> str:
-    # pandas' to_markdown needs tabulate, which feta does not depend on.
-    cells = [list(map(str, df.columns))] + [[str(v) for v in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(c) + " |" for c in cells]
-    lines.insert(1, "|" + "|".join("---" for _ in df.columns) + "|")
-    return "\n".join(lines)
-
-
 def verdicts(rows: list[dict]) -> list[str]:
     """Merged and compiled entries against the target, with the noise stated beside each."""
     out = []
@@ -130,7 +113,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short prompts, largest m and r only (< 1 min)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latency.csv")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latency.csv")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64; 8 with --quick)")
     parser.add_argument("--decode-tokens", type=int, default=None, help="decoded tokens (default 32; 4 with --quick)")
     # One thread by default: on a shared CPU an OpenMP region of 2 threads stalls whenever another job
@@ -163,7 +146,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(f"\n## Latency ratio to the base model ({spec.name}, {ctx['device']}, {ctx['dtype']}, "
           f"{ctx['threads']} threads; prompt {plan['prompt_len']} tokens, decode {plan['decode_tokens']} "
           f"tokens{'; QUICK: largest m and r only' if args.quick else ''})\n")
-    print(markdown(df))
+    print(df.to_markdown(index=False))
     busy = [r["context"]["load_avg"] for r in rows if r["context"]["load_avg"] > r["context"]["cpus"]]
     if busy:
         print(f"\nWARNING: load average up to {max(busy)} on {ctx['cpus']} CPUs while measuring: other jobs "

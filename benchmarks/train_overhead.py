@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize
 
-import feta.adapters  # noqa: F401  (schemas)
-import feta.data  # noqa: F401
 from feta.adapters import build_adapter
-from feta.data import SST2DataModule
+from feta.data import TaskDataModule
 from feta.models import load_base_model
-from feta.module import LabelWordClassifier, label_logits
 from feta.schema import to_spec
+from feta.scoring import class_log_probs
+from feta.training import ClassifierModule
 
 
 class StepTimer(L.Callback):
@@ -37,7 +36,7 @@ class StepTimer(L.Callback):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2_small_random")
     ap.add_argument("--adapter", default="prefix")
     ap.add_argument("--steps", type=int, default=20)
@@ -48,9 +47,10 @@ def main() -> None:
     model_spec, data_spec, spec = (to_spec(cfg, k) for k in ("model", "data", "adapter"))
     base, tok = load_base_model(model_spec)
     model = build_adapter(base, tok, spec, model_spec.arch, model_spec.name)
-    dm = SST2DataModule(data_spec, tok)
+    dm = TaskDataModule(data_spec, tok)
     dm.setup()
     batch = dm.collate(dm.splits["train"][: data_spec.batch_size])
+    verbalizer_ids = dm.task.verbalizer_ids
     n = args.warmup + args.steps
 
     # Plain PyTorch: the same forward, loss and AdamW as the module.
@@ -60,7 +60,8 @@ def main() -> None:
     plain = []
     for _ in range(n):
         t0 = time.perf_counter()
-        loss = F.cross_entropy(label_logits(model, batch["input_ids"], batch["attention_mask"], dm.label_ids), batch["labels"])
+        scores = class_log_probs(model, batch["input_ids"], batch["attention_mask"], verbalizer_ids)
+        loss = F.cross_entropy(scores, batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # the trainer config clips at 1.0 too
         opt.step()
@@ -69,7 +70,7 @@ def main() -> None:
 
     # Lightning: the same batch n times through feta's module and a Trainer like train.py's.
     timer = StepTimer()
-    module = LabelWordClassifier(model, dm.label_ids, lr=spec.lr)
+    module = ClassifierModule(model, verbalizer_ids, lr=spec.lr)
     trainer = L.Trainer(max_steps=n, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, accelerator="cpu", gradient_clip_val=1.0, callbacks=[timer],
                         num_sanity_val_steps=0, limit_val_batches=0)

@@ -1,9 +1,13 @@
-"""Base-model loading: a hub id (the GPU path), a random config (tests, latency) or a GGUF file (offline)."""
+"""Base-model loading: a hub id (the GPU path), a local directory, a random config (tests, latency) or a GGUF
+file (offline; dequantized once into a cached safetensors copy)."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,10 +20,13 @@ from typing import Any
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from feta.errors import check_choice
 
 TOKENIZERS = Path(__file__).parent / "assets" / "tokenizers"
+# Written last into a dequantized GGUF copy: which GGUF file it was made from.
+DEQUANTIZED_FROM = "dequantized_from.json"
 
 
 @dataclass
@@ -99,6 +106,66 @@ def fetch_gguf(spec: ModelSpec) -> Path:
     return folder
 
 
+def dequantized_dir(spec: ModelSpec, gguf: Path) -> Path:
+    """Where the dequantized copy of the GGUF file `gguf` is cached: one folder per package (or per
+    `model.path` folder, by a hash of its path), file and dtype."""
+    source = spec.pypi_package or "local"
+    if spec.path:
+        source = "path-" + hashlib.sha256(str(gguf.parent.resolve()).encode()).hexdigest()[:12]
+    return cache_dir() / "dequantized" / source / f"{gguf.stem}-{spec.dtype}"
+
+
+def _gguf_stamp(gguf: Path) -> dict[str, Any]:
+    stat = gguf.stat()
+    return {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _is_built(folder: Path, stamp: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / DEQUANTIZED_FROM).read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def dequantize_gguf(spec: ModelSpec) -> Path:
+    """A folder with the GGUF model of `spec` dequantized to `spec.dtype` (safetensors) and its tokenizer,
+    which `from_pretrained` loads directly. Dequantizing is most of a GGUF load's time, so it runs once per
+    GGUF file; a changed file (size or mtime) is dequantized again."""
+    gguf = fetch_gguf(spec) / spec.gguf_file
+    out = dequantized_dir(spec, gguf)
+    stamp = _gguf_stamp(gguf)
+    if _is_built(out, stamp):
+        return out
+    dtype = getattr(torch, spec.dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A unique temp dir renamed into place: the jobs of a parallel multirun may build the same copy at once,
+    # and a killed build leaves no folder that looks finished.
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=spec.gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=spec.gguf_file, dtype=dtype)
+        # transformers refuses to save a model loaded from GGUF; the same weights in a model built from
+        # the config without its quantization entry save as an ordinary checkpoint.
+        config = quantized.config.to_dict()
+        config.pop("quantization_config", None)
+        model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config), dtype=dtype)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / DEQUANTIZED_FROM).write_text(json.dumps(stamp))
+        if out.exists() and not _is_built(out, stamp):
+            shutil.rmtree(out)  # a copy of an older GGUF file
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not _is_built(out, stamp):  # not another job's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _tokenizer_path(spec: ModelSpec) -> str:
     path = spec.tokenizer or "gpt2"
     # A bare name refers to a tokenizer shipped in feta/assets/tokenizers.
@@ -107,8 +174,6 @@ def _tokenizer_path(spec: ModelSpec) -> str:
 
 @lru_cache(maxsize=2)
 def _load(spec_yaml: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
-
     spec = ModelSpec(**OmegaConf.to_container(OmegaConf.create(spec_yaml)))
     dtype = getattr(torch, spec.dtype)
     if spec.source == "random":
@@ -118,20 +183,12 @@ def _load(spec_yaml: str):
         config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    elif spec.source == "gguf":
-        folder = str(fetch_gguf(spec))
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype)
-        # The GGUF weights are dequantized to `dtype` at load; the quantizer transformers leaves behind
-        # only blocks .float()/.half() and saving, so the model becomes an ordinary one.
-        model.hf_quantizer, model.is_quantized = None, False
-        model.__dict__.pop("quantization_method", None)
-        model.config.__dict__.pop("quantization_config", None)
     else:
         if spec.source == "local" and not Path(spec.path).is_dir():
             raise FileNotFoundError(f"model.path={spec.path}: no such directory; fix model.path")
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.path)
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
+        path = str(dequantize_gguf(spec)) if spec.source == "gguf" else spec.path
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     return model, tokenizer
 
@@ -143,7 +200,7 @@ def max_positions(config) -> int | None:
 
 def load_base_model(spec: ModelSpec):
     """A fresh (model, tokenizer) pair. Loaded once per process: the jobs of a multirun share the load
-    (~15 s for the GGUF model) and each gets its own deep copy, since PEFT edits a model in place.
+    and each gets its own deep copy, since PEFT edits a model in place.
 
     The tokenizer pads on the right (EOS as the pad token where it has none): every batch in feta is
     right-padded, and the scored positions are read from each row's real length."""

@@ -47,12 +47,16 @@ def make_logger(cfg: DictConfig, run_dir: Path, job_type: str, name: str, group:
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
     if kind == "wandb":
         # `mode` rather than offline=True: the latter sets WANDB_MODE for the whole process.
-        return WandbLogger(
+        logger = WandbLogger(
             project=cfg.logger.project, entity=cfg.logger.get("entity"), group=group or sweep_group(cfg, run_dir),
             name=name, job_type=job_type, save_dir=str(run_dir), mode=cfg.logger.mode,
             tags=list(cfg.logger.get("tags") or []),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
+        # Lightning passes wandb.init `anonymous=None`, which W&B deprecates with a line it prints itself (no
+        # Python warning, so feta.quiet_library_warnings cannot filter it); without the key W&B says nothing.
+        logger._wandb_init.pop("anonymous", None)
+        return logger
     raise UserError("logger.kind", f"unknown logger {kind!r}", "use logger=wandb, logger=csv or logger=null")
 
 

@@ -115,7 +115,10 @@ def split_files(spec: DataSpec) -> dict[str, Path]:
 
 
 def _hub(spec: DataSpec, columns: list[str]) -> dict[str, list[Example]]:
-    import datasets  # only the hub path needs it (an optional dependency)
+    try:
+        import datasets  # only data.source=hub needs it: the optional `hub` extra
+    except ImportError:
+        raise UserError("data.source=hub", "needs the datasets package", "pip install 'feta[hub]'") from None
 
     ds = datasets.load_dataset(spec.hub_id, spec.hub_config)
     out = {}
