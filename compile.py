@@ -19,7 +19,7 @@ from feta import runs
 from feta.compile import compile_run, merge_compiled
 from feta.compile.spec import CompileConfig, CompileSpec
 from feta.errors import UserError
-from feta.tracking import log_artifact, make_logger, run_main, task_wrapper, use_artifact
+from feta.tracking import cli, log_artifact, make_logger, run_main, task_wrapper, use_artifact
 
 log = logging.getLogger("feta")
 
@@ -59,4 +59,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

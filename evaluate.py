@@ -24,7 +24,7 @@ from feta.interpolation import interpolate
 from feta.report import build_report, log_to_wandb
 from feta.schema import EvaluateConfig
 from feta.task_vector import task_vector_analysis
-from feta.tracking import finish_wandb, make_logger, run_main, task_wrapper, use_artifact
+from feta.tracking import cli, finish_wandb, make_logger, run_main, task_wrapper, use_artifact
 
 log = logging.getLogger("feta")
 
@@ -131,4 +131,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from feta.data import read_splits
 from feta.serving import BASE, AdapterServer, ServeConfig, read_rows
-from feta.tracking import run_main
+from feta.tracking import cli, run_main
 
 
 def serve(cfg: DictConfig) -> list[dict]:
@@ -58,4 +58,4 @@ if __name__ == "__main__":
     # `adapters` is a dict the user fills by name; Hydra's struct mode would refuse adapters.<new name>=...
     # without a leading +, so it is added here.
     sys.argv[1:] = ["+" + a if a.startswith("adapters.") else a for a in sys.argv[1:]]
-    main()
+    cli(main)

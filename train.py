@@ -25,7 +25,7 @@ from feta.data import TaskDataModule, TaskKind
 from feta.devices import job_devices
 from feta.models import load_base_model
 from feta.schema import to_spec
-from feta.tracking import artifact_name, log_artifact, make_logger, output_dir, run_main, sweep_group, task_wrapper
+from feta.tracking import artifact_name, cli, log_artifact, make_logger, output_dir, run_main, sweep_group, task_wrapper
 from feta.training import ClassifierModule, GeneratorModule
 
 log = logging.getLogger("feta")
@@ -36,14 +36,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter; returns (metrics, objects) — objects for tests and notebooks."""
     started_at = time.time()
     model_spec, data_spec, adapter_spec = (to_spec(cfg, k) for k in ("model", "data", "adapter"))
+    OmegaConf.to_object(cfg)  # TrainConfig's own checks (checkpoint_every_n_steps, output_dir), before any write
     run_dir = output_dir(cfg)
     if cfg.skip_finished and runs.is_finished(run_dir):
         log.info(f"{run_dir} already finished (skip_finished=true); not retraining")
         return runs.read_json(run_dir / runs.METRICS), {}
     runs.check_same_config(run_dir, cfg)
     L.seed_everything(cfg.seed, workers=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / runs.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     log.info(f"Loading model <{model_spec.name}> and adding adapter <{adapter_spec.kind}>")
     base, tokenizer = load_base_model(model_spec)
@@ -52,6 +51,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log.info(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in peft_model.parameters()):,}")
     datamodule = TaskDataModule(data_spec, tokenizer, seed=cfg.seed)
     datamodule.setup()  # reads and checks the data files before any training
+    # Written once every setting and file is checked: a refused run leaves no config.yaml, which would
+    # make the corrected command a "different config" for this output_dir.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / runs.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     task = datamodule.task
     if task.kind is TaskKind.classification:
         module = ClassifierModule(peft_model, task.verbalizer_ids, lr=adapter_spec.lr)
@@ -121,4 +124,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig,
                   get_peft_model, initialize_kv_prefix_from_text)
 
-from feta.errors import check_choice
+from feta.errors import UserError, check_choice, check_positive
 from feta.models import max_positions
 
 # Where LoRA goes when `adapter.targets` is null, per architecture family (ModelSpec.arch).
@@ -35,6 +35,21 @@ DEFAULT_INIT_TEXT = (
 )
 
 
+def _check_kind(kind: str, expected: str, spec: str) -> None:
+    if kind != expected:
+        raise UserError("adapter.kind", f"must be {expected!r} for {spec}, got {kind!r}", f"use adapter={expected}")
+
+
+def _check_length(m: object, what: str) -> None:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise UserError("adapter.m", f"must be a positive int ({what}), got {m!r}", "e.g. adapter.m=16")
+
+
+def _check_targets_listed(targets: list[str] | None) -> None:
+    if targets is not None and not targets:
+        raise UserError("adapter.targets", "is empty", "list module names or use null for the default")
+
+
 @dataclass
 class PrefixSpec:
     """Prefix tuning: m trainable key/value vectors per layer, prepended to every attention."""
@@ -50,19 +65,17 @@ class PrefixSpec:
     lr: float = field(default=3e-3, metadata={"help": "Learning rate."})
 
     def __post_init__(self) -> None:
-        if self.kind != "prefix":
-            raise ValueError(f"adapter.kind must be 'prefix' for a PrefixSpec, got {self.kind!r}")
+        _check_kind(self.kind, "prefix", "PrefixSpec")
         check_choice("adapter.init", self.init, ("text", "random", "zero"))
-        if self.m < 1:
-            raise ValueError(f"adapter.m must be a positive int (prefix length), got {self.m}")
+        _check_length(self.m, "prefix length")
         if self.projection and self.init == "text":
-            raise ValueError("adapter.projection=true cannot start from text (PEFT): set adapter.init=random or zero")
+            raise UserError("adapter.projection=true", "cannot start from text (PEFT)",
+                            "set adapter.init=random or zero")
         if self.init == "text" and not self.init_text.strip():
-            raise ValueError("adapter.init=text needs a non-empty adapter.init_text")
-        if self.projection_hidden < 1:
-            raise ValueError(f"adapter.projection_hidden must be positive, got {self.projection_hidden}")
-        if self.lr <= 0:
-            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+            raise UserError("adapter.init=text", "needs a non-empty adapter.init_text",
+                            "give adapter.init_text or set adapter.init=random")
+        check_positive("adapter.projection_hidden", self.projection_hidden)
+        check_positive("adapter.lr", self.lr, what="number")
 
 
 @dataclass
@@ -77,16 +90,13 @@ class LoraSpec:
     lr: float = field(default=1e-3, metadata={"help": "Learning rate."})
 
     def __post_init__(self) -> None:
-        if self.kind != "lora":
-            raise ValueError(f"adapter.kind must be 'lora' for a LoraSpec, got {self.kind!r}")
-        if self.r < 1:
-            raise ValueError(f"adapter.r must be a positive int (LoRA rank), got {self.r}")
+        _check_kind(self.kind, "lora", "LoraSpec")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise UserError("adapter.r", f"must be a positive int (LoRA rank), got {self.r!r}", "e.g. adapter.r=4")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
-        if self.targets is not None and not self.targets:
-            raise ValueError("adapter.targets is empty; list module names or use null for the default")
-        if self.lr <= 0:
-            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+            raise UserError("adapter.dropout", f"must be in [0, 1), got {self.dropout}", "e.g. adapter.dropout=0.1")
+        _check_targets_listed(self.targets)
+        check_positive("adapter.lr", self.lr, what="number")
 
 
 @dataclass
@@ -103,15 +113,13 @@ class PromptSpec:
     lr: float = field(default=3e-3, metadata={"help": "Learning rate (prefix's; not tuned for prompts)."})
 
     def __post_init__(self) -> None:
-        if self.kind != "prompt":
-            raise ValueError(f"adapter.kind must be 'prompt' for a PromptSpec, got {self.kind!r}")
+        _check_kind(self.kind, "prompt", "PromptSpec")
         check_choice("adapter.init", self.init, ("text", "random", "vocab"))
-        if self.m < 1:
-            raise ValueError(f"adapter.m must be a positive int (prompt length), got {self.m}")
+        _check_length(self.m, "prompt length")
         if self.init == "text" and not self.init_text.strip():
-            raise ValueError("adapter.init=text needs a non-empty adapter.init_text; give one or set adapter.init=vocab")
-        if self.lr <= 0:
-            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+            raise UserError("adapter.init=text", "needs a non-empty adapter.init_text",
+                            "give one or set adapter.init=vocab")
+        check_positive("adapter.lr", self.lr, what="number")
 
 
 @dataclass
@@ -126,12 +134,9 @@ class IA3Spec:
     lr: float = field(default=3e-3, metadata={"help": "Learning rate (the IA3 paper's)."})
 
     def __post_init__(self) -> None:
-        if self.kind != "ia3":
-            raise ValueError(f"adapter.kind must be 'ia3' for an IA3Spec, got {self.kind!r}")
-        if self.targets is not None and not self.targets:
-            raise ValueError("adapter.targets is empty; list module names or use null for the default")
-        if self.lr <= 0:
-            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+        _check_kind(self.kind, "ia3", "IA3Spec")
+        _check_targets_listed(self.targets)
+        check_positive("adapter.lr", self.lr, what="number")
 
 
 @dataclass
@@ -146,14 +151,13 @@ class GatedPrefixSpec:
     lr: float = field(default=1e-3, metadata={"help": "Learning rate (1e-2 collapsed on SmolLM2)."})
 
     def __post_init__(self) -> None:
-        if self.kind != "gated_prefix":
-            raise ValueError(f"adapter.kind must be 'gated_prefix' for a GatedPrefixSpec, got {self.kind!r}")
-        if self.m < 1:
-            raise ValueError(f"adapter.m must be a positive int (adapter prompt length), got {self.m}")
-        if self.layers is not None and self.layers < 1:
-            raise ValueError(f"adapter.layers must be a positive int or null (all layers), got {self.layers}")
-        if self.lr <= 0:
-            raise ValueError(f"adapter.lr must be positive, got {self.lr}")
+        _check_kind(self.kind, "gated_prefix", "GatedPrefixSpec")
+        _check_length(self.m, "adapter prompt length")
+        if self.layers is not None and (isinstance(self.layers, bool) or not isinstance(self.layers, int)
+                                        or self.layers < 1):
+            raise UserError("adapter.layers", f"must be a positive int or null (all layers), got {self.layers!r}",
+                            "e.g. adapter.layers=8")
+        check_positive("adapter.lr", self.lr, what="number")
 
 
 SPECS = {"prefix": PrefixSpec, "lora": LoraSpec, "prompt": PromptSpec, "ia3": IA3Spec, "gated_prefix": GatedPrefixSpec}
@@ -194,7 +198,7 @@ def _check_targets(model: torch.nn.Module, targets: list[str], model_name: str) 
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
                          if type(mod).__name__ in ("Linear", "Conv1D")})
-        raise ValueError(f"adapter.targets={missing} not in {model_name}; available: {', '.join(linear)}")
+        raise UserError(f"adapter.targets={missing}", f"not in {model_name}", f"available: {', '.join(linear)}")
 
 
 def peft_config(spec: AdapterSpec, arch: str):
@@ -228,7 +232,12 @@ def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: st
     if isinstance(spec, LoraSpec):
         _check_targets(model, lora_targets(spec, arch), model_name)
     if isinstance(spec, IA3Spec):
-        _check_targets(model, ia3_modules(spec, arch)[0], model_name)
+        targets, feedforward = ia3_modules(spec, arch)
+        _check_targets(model, targets, model_name)
+        extra = [f for f in feedforward if f not in targets]
+        if extra:  # PEFT's own check says only "feedforward_modules should be a subset of target_modules"
+            raise UserError(f"adapter.feedforward={extra}", f"not among the targets {targets}",
+                            "add them to adapter.targets or leave them out of adapter.feedforward")
     if isinstance(spec, GatedPrefixSpec):
         _check_gated_prefix(model, spec, model_name)
         # PEFT needs the layer count itself; null means all layers.
@@ -236,20 +245,17 @@ def build_adapter(model, tokenizer, spec: AdapterSpec, arch: str, model_name: st
     if isinstance(spec, (PrefixSpec, PromptSpec)):  # both take m positions before the input's
         n_pos = max_positions(model.config)
         if n_pos is not None and max_length and spec.m + max_length > n_pos:
-            raise ValueError(
-                f"adapter.m + data.max_length = {spec.m} + {max_length} > {n_pos} positions of {model_name}; "
-                "lower one of them"
-            )
+            raise UserError("adapter.m + data.max_length",
+                            f"{spec.m} + {max_length} > {n_pos} positions of {model_name}", "lower one of them")
     peft_model = get_peft_model(model, peft_config(spec, arch))
     if isinstance(spec, PromptSpec) and spec.init == "text":
         _init_prompt_from_text(peft_model, tokenizer, spec)
     if isinstance(spec, PrefixSpec) and spec.init == "text":
         n_tokens = len(tokenizer(spec.init_text, add_special_tokens=False)["input_ids"])
         if n_tokens < spec.m:
-            raise ValueError(
-                f"adapter.init_text has {n_tokens} tokens but adapter.m={spec.m} needs at least that many; "
-                "give a longer adapter.init_text, a smaller adapter.m, or adapter.init=zero"
-            )
+            raise UserError("adapter.init_text",
+                            f"has {n_tokens} tokens but adapter.m={spec.m} needs at least that many",
+                            "give a longer adapter.init_text, a smaller adapter.m, or adapter.init=zero")
         # Plain text, no chat template: the prefix then equals running the model on those m tokens.
         initialize_kv_prefix_from_text(peft_model, tokenizer, text=spec.init_text, use_chat_template=False)
     return peft_model
@@ -260,7 +266,7 @@ def _init_prompt_from_text(peft_model, tokenizer, spec: PromptSpec) -> None:
     """PEFT's TEXT init, with the tokenizer in hand: the text's token embeddings, repeated to m and cut."""
     ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError("adapter.init_text has no tokens; give a real text or set adapter.init=vocab")
+        raise UserError("adapter.init_text", "has no tokens", "give a real text or set adapter.init=vocab")
     ids = (ids * (spec.m // len(ids) + 1))[: spec.m]
     embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
     words = peft_model.get_input_embeddings()(torch.tensor(ids, device=embedding.weight.device))
@@ -270,13 +276,12 @@ def _init_prompt_from_text(peft_model, tokenizer, spec: PromptSpec) -> None:
 def _check_gated_prefix(model: torch.nn.Module, spec: GatedPrefixSpec, model_name: str) -> None:
     model_type = getattr(model.config, "model_type", "?")
     if model_type not in GATED_PREFIX_MODEL_TYPES:
-        raise ValueError(
-            f"adapter=gated_prefix (PEFT's LLaMA-Adapter) supports {', '.join(GATED_PREFIX_MODEL_TYPES)} models; "
-            f"{model_name} is {model_type}: use adapter=prefix or adapter=prompt"
-        )
+        raise UserError("adapter=gated_prefix", f"PEFT's LLaMA-Adapter supports {', '.join(GATED_PREFIX_MODEL_TYPES)} "
+                        f"models, and {model_name} is {model_type}", "use adapter=prefix or adapter=prompt")
     n_layers = model.config.num_hidden_layers
     if spec.layers is not None and spec.layers > n_layers:
-        raise ValueError(f"adapter.layers={spec.layers} but {model_name} has {n_layers} layers; use <= {n_layers} or null")
+        raise UserError("adapter.layers", f"is {spec.layers} but {model_name} has {n_layers} layers",
+                        f"use <= {n_layers} or null")
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

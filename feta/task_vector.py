@@ -54,9 +54,8 @@ def compare_task_vector(tau: Tensor, delta: Tensor) -> dict[str, float]:
 
 
 def task_vector_table(base_model, lora_model, precision: str) -> pd.DataFrame:
-    """One row per parameter tensor of the merged model: τ = merged(precision) − base(fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    """One row per parameter tensor of the merged model: τ = merged(precision) − base(fp32).
+    `precision` is a key of PRECISIONS (analysis.precision, checked by its schema)."""
     deltas = lora_delta_weights(lora_model)
     merged = merged_copy(copy.deepcopy(lora_model).to(PRECISIONS[precision]))
     base = dict(base_model.named_parameters())

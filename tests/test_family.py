@@ -146,11 +146,11 @@ def test_prompt_text_init_uses_the_texts_embeddings(m):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["adapter=prompt", "adapter.init_text= "], r"adapter\.init=text needs a non-empty adapter\.init_text"),
+        (["adapter=prompt", "adapter.init_text= "], r"adapter\.init=text: needs a non-empty adapter\.init_text"),
         (["adapter=prompt", "adapter.init=zero"], r"adapter\.init: unknown choice 'zero'; use one of text, random, vocab"),
-        (["adapter=prompt", "adapter.m=0"], r"adapter\.m must be a positive int \(prompt length\), got 0"),
-        (["adapter=ia3", "adapter.targets=[]"], r"adapter\.targets is empty"),
-        (["adapter=gated_prefix", "adapter.layers=0"], r"adapter\.layers must be a positive int or null"),
+        (["adapter=prompt", "adapter.m=0"], r"adapter\.m: must be a positive int \(prompt length\), got 0"),
+        (["adapter=ia3", "adapter.targets=[]"], r"adapter\.targets: is empty"),
+        (["adapter=gated_prefix", "adapter.layers=0"], r"adapter\.layers: must be a positive int or null"),
     ],
 )
 def test_bad_spec_values_name_the_field(overrides, match):
@@ -161,10 +161,10 @@ def test_bad_spec_values_name_the_field(overrides, match):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["adapter=ia3", "adapter.targets=[q_proj]"], r"adapter\.targets=\['q_proj'\] not in tiny; available: .*c_attn"),
-        (["adapter=ia3", "adapter.feedforward=[c_fc]"], r"feedforward_modules.*subset"),  # PEFT's own check
-        (["adapter=gated_prefix", "adapter.layers=3"], r"adapter\.layers=3 but tiny has 2 layers"),
-        (["adapter=prompt", "adapter.m=250"], r"adapter\.m \+ data\.max_length = 250 \+ 128 > 256 positions of tiny"),
+        (["adapter=ia3", "adapter.targets=[q_proj]"], r"adapter\.targets=\['q_proj'\]: not in tiny; available: .*c_attn"),
+        (["adapter=ia3", "adapter.feedforward=[c_fc]"], r"adapter\.feedforward=\['c_fc'\]: not among the targets"),
+        (["adapter=gated_prefix", "adapter.layers=3"], r"adapter\.layers: is 3 but tiny has 2 layers"),
+        (["adapter=prompt", "adapter.m=250"], r"adapter\.m \+ data\.max_length: 250 \+ 128 > 256 positions of tiny"),
     ],
 )
 def test_bad_model_dependent_values_name_the_field(overrides, match):
@@ -179,8 +179,8 @@ def test_gated_prefix_on_an_unsupported_architecture_is_a_clear_error():
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                                             num_attention_heads=2, intermediate_size=64))
     spec = to_spec(compose_cfg("train", ["adapter=gated_prefix"]), "adapter")
-    with pytest.raises(ValueError, match=r"adapter=gated_prefix .* supports gpt2, llama, mistral models; neox is "
-                                         r"gpt_neox: use adapter=prefix or adapter=prompt"):
+    with pytest.raises(ValueError, match=r"adapter=gated_prefix: .* supports gpt2, llama, mistral models, and neox is "
+                                         r"gpt_neox; use adapter=prefix or adapter=prompt"):
         build_adapter(neox, tok, spec, "gpt2", "neox")
 
 

@@ -229,12 +229,12 @@ def test_heatmap_placeholder_direct(tmp_path: Path) -> None:
 def test_no_runs(tmp_path: Path) -> None:
     empty = tmp_path / "sweep"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=f"no runs under {empty}"):
+    with pytest.raises(ValueError, match=f"{empty}: holds no runs"):
         collect(empty)
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(ValueError, match="missing: no such directory"):
         collect(tmp_path / "missing")
     train_run(empty / "0", None)
-    with pytest.raises(FileNotFoundError, match="no evaluated runs under .*0: not evaluated"):
+    with pytest.raises(ValueError, match=r"sweep: holds no evaluated runs \(1 skipped: 0: not evaluated"):
         collect(empty)
 
 

@@ -7,7 +7,6 @@ classification and generation runs is refused unless `task=` picks one.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from feta.errors import UserError
-from feta.runs import COMPILE, CONFIG, EVAL, is_finished, run_dirs
+from feta.runs import COMPILE, CONFIG, EVAL, is_finished, read_json, run_dirs
 
 REQUIRED_KEYS = ("kind", "name", "model")
 TASKS = ("classification", "generation")
@@ -111,17 +110,15 @@ def metric_of(ev: dict[str, Any]) -> Metric:
 
 def _check_eval(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
     """(eval dict, "") for a valid evaluated run, else (None, reason)."""
-    if (run_dir / CONFIG).is_file() and not is_finished(run_dir):
-        return None, "training did not finish (no complete metrics.json); rerun train.py to resume it"
     path = run_dir / EVAL
-    if not path.is_file():
-        return None, f"not evaluated (no {EVAL}); run evaluate.py ckpt={run_dir}"
-    try:
-        ev = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        return None, f"{EVAL} is not valid JSON ({e}); rerun evaluate.py ckpt={run_dir}"
-    if not isinstance(ev, dict):
-        return None, f"{EVAL} holds a {type(ev).__name__}, not an object"
+    try:  # a damaged file skips its run, as evaluate.py skips it in a sweep
+        if (run_dir / CONFIG).is_file() and not is_finished(run_dir):
+            return None, "training did not finish (no complete metrics.json); rerun train.py to resume it"
+        if not path.is_file():
+            return None, f"not evaluated (no {EVAL}); run evaluate.py ckpt={run_dir}"
+        ev = read_json(path, f"evaluate.py ckpt={run_dir} overwrite=true")
+    except UserError as e:
+        return None, str(e)
     if task_of(ev) not in TASKS:
         return None, f"{EVAL} task={ev['task']!r} is none of {', '.join(TASKS)}"
     if (ev.get("main_metric") or "val_acc") not in METRICS:
@@ -220,7 +217,7 @@ def collect(sweep_dir: Path, task: str | None = None) -> tuple[pd.DataFrame, lis
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir}: no such directory; pass a sweep directory written by train.py -m")
+        raise UserError(str(sweep_dir), "no such directory", "pass a sweep directory written by train.py -m")
     rows, residuals, skipped = [], {}, []
     for run_dir in run_dirs(sweep_dir, (CONFIG, COMPILE, EVAL)):
         rel = run_dir.relative_to(sweep_dir).as_posix()
@@ -237,9 +234,9 @@ def collect(sweep_dir: Path, task: str | None = None) -> tuple[pd.DataFrame, lis
         hint = f"run train.py -m … then evaluate.py ckpt={sweep_dir}"
         of = f" of task {task}" if task else ""
         if skipped:
-            raise FileNotFoundError(f"no evaluated runs{of} under {sweep_dir} ({len(skipped)} skipped: "
-                                    + "; ".join(skipped) + f"); {hint}")
-        raise FileNotFoundError(f"no runs{of} under {sweep_dir}: {hint}")
+            raise UserError(str(sweep_dir), f"holds no evaluated runs{of} ({len(skipped)} skipped: "
+                            + "; ".join(skipped) + ")", hint)
+        raise UserError(str(sweep_dir), f"holds no runs{of}", hint)
     if skipped:
         warnings.warn(f"{len(skipped)} run(s) under {sweep_dir} skipped as unfinished or broken:\n  "
                       + "\n  ".join(skipped), stacklevel=2)
