@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import hydra
@@ -26,7 +27,7 @@ from feta.devices import job_devices
 from feta.models import load_base_model
 from feta.schema import to_spec
 from feta.tracking import artifact_name, cli, log_artifact, make_logger, output_dir, run_main, sweep_group, task_wrapper
-from feta.training import ClassifierModule, GeneratorModule
+from feta.training import AtomicCheckpointIO, ClassifierModule, GeneratorModule
 
 log = logging.getLogger("feta")
 
@@ -69,12 +70,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                  every_n_train_steps=cfg.checkpoint_every_n_steps)
     callbacks = [checkpoint] + [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, devices=job_devices(cfg), logger=logger or False,
-                                      callbacks=callbacks, default_root_dir=str(run_dir), enable_checkpointing=True)
+                                      callbacks=callbacks, default_root_dir=str(run_dir), enable_checkpointing=True,
+                                      plugins=[AtomicCheckpointIO()])
 
-    resume = ckpt_dir / "last.ckpt"
     start = time.perf_counter()
-    # weights_only: the checkpoint holds tensors and plain containers, nothing to unpickle.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
+    # "last": the newest last*.ckpt in the checkpoint callback's dirpath, none on a fresh run (Lightning's
+    # warning about that is silenced). weights_only: the checkpoint holds tensors and plain containers.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint')
+        trainer.fit(module, datamodule=datamodule, ckpt_path="last", weights_only=True)
     if module.last_val_step != trainer.global_step:  # no validation ran after the last step
         trainer.validate(module, datamodule=datamodule, verbose=False)
     train_time = time.perf_counter() - start

@@ -4,14 +4,53 @@ only those (with the optimizer, loop and RNG state), so a resumed run continues 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from feta.metrics import classification_metrics
 from feta.scoring import class_log_probs, scored_logits
+
+RNG_KEY, CUDA_RNG_KEY = "torch_rng_state", "torch_cuda_rng_state"
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """The generators dropout draws from: the CPU one and, once CUDA is in use, the current device's."""
+    state = {RNG_KEY: torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state[CUDA_RNG_KEY] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state[RNG_KEY])
+    if CUDA_RNG_KEY in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state[CUDA_RNG_KEY])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its target and renames it over the target, so a job killed mid-write
+    leaves the previous checkpoint whole. Lightning's own writer stages the file in the system temp
+    directory; when that is another filesystem (a tmpfs /tmp), its final move is a copy into the target,
+    and a kill during the copy leaves a truncated last.ckpt that cannot be resumed from."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")  # not *.ckpt: ckpt_path="last" never picks it
+        with partial.open("wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(partial, path)
 
 
 class AdapterModule(L.LightningModule):
@@ -25,6 +64,7 @@ class AdapterModule(L.LightningModule):
         self.strict_loading = False
         self.last_val_step = -1
         self.start_step = 0
+        self._rng_to_restore: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self) -> None:
         # Base models are loaded in eval mode; train in the mode their config intends (e.g. GPT-2's dropout).
@@ -32,6 +72,12 @@ class AdapterModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.start_step = self.global_step  # > 0 when resumed from a checkpoint
+        if self._rng_to_restore is not None:
+            # Here, not at the first resumed batch: when the checkpoint preceded a validation, Lightning
+            # skips that validation on resume but still creates its DataLoader iterator, which draws a
+            # seed from the global generator just as the skipped validation did.
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_validation_epoch_end(self) -> None:
         self.last_val_step = self.global_step
@@ -43,19 +89,13 @@ class AdapterModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        # Dropout draws from torch's global generator; restoring it makes a resumed step draw what the
-        # uninterrupted run drew. A uint8 tensor, so `weights_only=True` loads it.
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        # Lightning keeps no RNG state; dropout's draws continue from here in a resumed run.
+        # Byte tensors, so `weights_only=True` loads them.
+        checkpoint.update(_rng_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "torch_rng_state" in checkpoint:
-            self._rng_to_restore = checkpoint["torch_rng_state"]
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        state = getattr(self, "_rng_to_restore", None)
-        if state is not None:  # after Lightning's own restore and seeding, just before the first resumed step
-            torch.set_rng_state(state)
-            self._rng_to_restore = None
+        if RNG_KEY in checkpoint:
+            self._rng_to_restore = {k: checkpoint[k] for k in (RNG_KEY, CUDA_RNG_KEY) if k in checkpoint}
 
 
 class ClassifierModule(AdapterModule):
