@@ -32,6 +32,8 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     if out.exists() and not settings.overwrite:
         raise UserError(f"out_dir={out}", "exists", "pass overwrite=true to replace it, or out_dir=<another dir>")
 
+    # Read (and check) the source's metrics before anything is written.
+    source = runs.read_json(Path(settings.ckpt) / runs.METRICS) if runs.is_finished(settings.ckpt) else {}
     record = compile_run(settings.ckpt, spec, out, model_override=settings.base_model)
     if settings.merge:
         record["merge"] = merge_compiled(out, settings.merge_dtype)
@@ -39,7 +41,6 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     log.info(f"compiled r={spec.rank} in {record['fit_time_s']:.0f} s; residual at the scored positions, "
              f"final layer {record['residual_last_final']:.3f}, mean {record['residual_last_mean']:.3f}; {out}")
 
-    source = runs.read_json(Path(settings.ckpt) / runs.METRICS) if runs.is_finished(settings.ckpt) else {}
     logger = make_logger(cfg, out, job_type="compile", name=f"{source.get('name', 'prefix')}->r{spec.rank}",
                          group=source.get("wandb_group"))
     if logger is not None:
