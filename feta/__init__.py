@@ -19,6 +19,10 @@ LIBRARY_WARNINGS = (
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
     # Lightning's own pytree helpers still use torch's LeafSpec.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+    # PEFT takes the 1-D lora_B.bias of a LoRA with lora_bias (compile.py's closed form) for an unsaved shard.
+    # ':' is written \x3a so that pyproject.toml's `action:message:category:module` can hold the same regex.
+    (r"Adapter \S+\x3a \d+ LoRA tensor\(s\) have invalid shape\x3a \S+\.lora_B\.bias\x3a\(\d+,\)"
+     r"(, \S+\.lora_B\.bias\x3a\(\d+,\))*( \(\+\d+ more\))?\. A 1-D", UserWarning, r"peft\.utils\.save_and_load"),
     # torchdata's StatefulDataLoader still calls torch.set_vital.
     (r"'set_vital' is deprecated", UserWarning, r"torchdata\.stateful_dataloader\.stateful_dataloader"),
 )
