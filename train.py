@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
 from feta.adapters import build_adapter, run_name, trainable_parameters
+from feta.checkpoints import AtomicCheckpointIO
 from feta.data import TaskDataModule, TaskKind
 from feta.devices import job_devices
 from feta.models import load_base_model
 from feta.schema import to_spec
 from feta.tracking import artifact_name, cli, log_artifact, make_logger, output_dir, run_main, sweep_group, task_wrapper
-from feta.training import AtomicCheckpointIO, ClassifierModule, GeneratorModule
+from feta.training import ClassifierModule, GeneratorModule
 
 log = logging.getLogger("feta")
 

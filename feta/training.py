@@ -4,14 +4,11 @@ only those (with the optimizer, loop and RNG state), so a resumed run continues 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.plugins import TorchCheckpointIO
 
 from feta.metrics import classification_metrics
 from feta.scoring import class_log_probs, scored_logits
@@ -31,26 +28,6 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state[RNG_KEY])
     if CUDA_RNG_KEY in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state[CUDA_RNG_KEY])
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint beside its target and renames it over the target, so a job killed mid-write
-    leaves the previous checkpoint whole. Lightning's own writer stages the file in the system temp
-    directory; when that is another filesystem (a tmpfs /tmp), its final move is a copy into the target,
-    and a kill during the copy leaves a truncated last.ckpt that cannot be resumed from."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")  # not *.ckpt: ckpt_path="last" never picks it
-        with partial.open("wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(partial, path)
 
 
 class AdapterModule(L.LightningModule):

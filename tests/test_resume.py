@@ -21,7 +21,7 @@ from feta.data import TaskDataModule
 from feta.data.datamodule import ResumableDistributedShuffle
 from feta.models import load_base_model
 from feta.schema import to_spec
-from feta.training import AtomicCheckpointIO
+from feta.checkpoints import AtomicCheckpointIO
 from tests.conftest import ROOT, tiny_train_cfg
 from tests.helpers.callbacks import recorded_batches
 
