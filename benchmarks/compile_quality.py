@@ -46,6 +46,14 @@ METHODS = {
     "faithful": ["rank=4", "preset=faithful"],
     "faithful_100": ["rank=4", "preset=faithful", "distill_steps=100"],
     "faithful_100_calib1": ["rank=4", "preset=faithful", "distill_steps=100", "calib_seed=1"],
+    # method=sink: the prefix merged into the attention sink's k/v slot, then o_proj rank-4 + bias.
+    "sink": ["rank=4", "method=sink"],
+    "sink_calib1": ["rank=4", "method=sink", "calib_seed=1"],
+    "sink_calib2": ["rank=4", "method=sink", "calib_seed=2"],
+    "sink_256": ["rank=4", "method=sink", "calib_size=256"],
+    "sink_256_calib1": ["rank=4", "method=sink", "calib_size=256", "calib_seed=1"],
+    "sink_256_calib2": ["rank=4", "method=sink", "calib_size=256", "calib_seed=2"],
+    "sink_only": ["method=sink", "target=none"],
 }
 # Attempts at better fits and at the open goal (no gradient steps, within 0.5 point, >= 97%
 # agreement), and the target-module study: run with --methods.
