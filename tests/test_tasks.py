@@ -1,4 +1,4 @@
-"""Every stage on every task kind: a user's 3-class CSV, a pair template, and E2E generation, each
+"""Every stage on every task kind: a user's 3-class CSV, a pair task in JSON Lines, and E2E generation, each
 trained, compiled and evaluated end to end on tiny random models."""
 
 from __future__ import annotations
@@ -67,6 +67,45 @@ def test_users_csv_trains_compiles_and_evaluates_three_classes(csv_sweep):
     assert evals["0"]["val_acc"] == pytest.approx(metrics["val_acc"], abs=1e-6)  # training and evaluate agree
     report = csv_sweep / "report" / "results.csv"
     assert report.is_file() and "metric" in report.read_text().splitlines()[0]
+
+
+def _pairs(path: Path, n: int, offset: int = 0) -> Path:
+    """An NLI-style JSON Lines file: two text columns, the label says whether the second repeats the first."""
+    words = "red green blue black white grey".split()
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = words[i % 6], words[(i + 1 + offset) % 6]
+            same = (i + offset) % 2 == 0
+            f.write(json.dumps({"premise": f"the car is {a}", "hypothesis": f"it is {a if same else b}",
+                                "label": "yes" if same else "no"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    data = ["data=csv", f"data.train_file={_pairs(root / 'train.jsonl', 64)}",
+            f"data.validation_file={_pairs(root / 'val.jsonl', 20, offset=1)}",
+            "data.prompt='{premise}\nQuestion: {hypothesis}?\nAnswer:'", "data.classes=[yes,no]",
+            "data.verbalizers=[' yes',' no']", "data.val_limit=null", "data.train_limit=null"]
+    _run(root, "0", *data, "model=llama_tiny", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
+         "trainer.max_steps=6")
+    compile_prefix(compose_cfg("compile", [f"ckpt={root / '0'}", "~logger", "calib_size=48", "eval_size=16"]))
+    return root
+
+
+def test_pair_task_trains_compiles_and_evaluates_on_both_columns(pair_sweep):
+    metrics = json.loads((pair_sweep / "0" / "metrics.json").read_text())
+    assert metrics["task"] == "classification" and metrics["val_size"] == 20
+    record = json.loads((pair_sweep / "0" / "compiled-r4" / "compile.json").read_text())
+    assert record["task"] == "classification" and record["calibration"]["examples"] == 48
+    out = evaluate(compose_cfg("evaluate", [f"ckpt={pair_sweep}", "~logger", "latency.enabled=false"]))
+    evals = {Path(k).name: v for k, v in out["runs"].items()}
+    assert set(evals) == {"0", "compiled-r4"}
+    for ev in evals.values():
+        assert ev["classes"] == ["yes", "no"] and sum(map(sum, ev["confusion"])) == 20
+    assert evals["0"]["val_acc"] == pytest.approx(metrics["val_acc"], abs=1e-6)
+    assert 0 <= evals["compiled-r4"]["agreement_with_source"] <= 1
 
 
 @pytest.fixture(scope="module")
