@@ -83,6 +83,20 @@ def test_multi_token_verbalizer_is_the_sum_of_its_token_log_probs(tiny):
     assert got.shape == (2, 3)
 
 
+def test_a_long_input_is_cut_at_its_start_so_the_class_is_read_after_the_template(tiny):
+    _, tok = tiny
+    spec = DataSpec(prompt="Article: {text}\nTopic:", classes=["a", "b"], verbalizers=[" x", " y"])
+    task = make_task(spec, tok)
+    end = tok("\nTopic:", add_special_tokens=False)["input_ids"]
+    long, short = {"text": "word " * 200, "label": "a"}, {"text": "short", "label": "b"}
+    batch = task.encode([long, short], max_length=32)
+    assert batch["input_ids"].shape == (2, 32)
+    assert batch["input_ids"][0, -len(end):].tolist() == end  # the long row ends with the template's end
+    n_short = int(batch["attention_mask"][1].sum())
+    assert n_short < 32 and batch["input_ids"][1, n_short - len(end): n_short].tolist() == end
+    assert batch["scored"][0, 31] and batch["scored"][1, n_short - 1] and int(batch["scored"].sum()) == 2
+
+
 def test_pair_template_uses_both_columns(tiny, tmp_path):
     _, tok = tiny
     rows = "premise\thypothesis\tlabel\nA dog runs.\tAn animal moves.\tentailment\nIt rains.\tIt is dry.\tcontradiction\n"

@@ -99,8 +99,10 @@ class ClassificationTask(Task):
         return self.classes.index(example[self.spec.label_column])
 
     def encode(self, examples: list[Example], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(self.prompts(examples), padding=True, truncation=True,
-                             max_length=max_length or self.spec.max_length, return_tensors="pt")
+        # A long input loses its start, not its end: the template's end is where the class is read.
+        limit = max_length or self.spec.max_length
+        rows = [ids[-limit:] for ids in self.tokenizer(self.prompts(examples))["input_ids"]]
+        enc = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "labels": torch.tensor([self.label(ex) for ex in examples]),
                 "scored": last_real_token(enc["attention_mask"])}
