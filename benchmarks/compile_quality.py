@@ -124,7 +124,10 @@ def main() -> None:
                      "latency": {"enabled": True, "prompt_len": 64, "batches": [1], "decode_tokens": 0,
                                  "repeats": 5, "min_run_time": 0.3}}
     source = evaluate_run(ckpt, {**eval_settings, "latency": {"enabled": False}})
-    print(f"prefix {ckpt}: val_acc {100 * source['val_acc']:.1f}%")
+    main = source["main_metric"]  # val_acc (a fraction) or bleu (0-100)
+    scale = 100 if main == "val_acc" else 1
+    label = "val acc %" if main == "val_acc" else "BLEU"
+    print(f"prefix {ckpt}: {label} {scale * source[main]:.1f}")
     rows = []
     for name in args.methods.split(","):
         out = ckpt / f"bench-{name}"
@@ -135,8 +138,10 @@ def main() -> None:
         merged = next(r for r in ev["latency"]["rows"] if r["name"] == "merged" and r["phase"] == "prefill")
         rows.append({
             "method": name, "settings": " ".join(SETTINGS[name]),
-            "val_acc %": 100 * ev["val_acc"], "Δ vs prefix (pts)": 100 * (ev["val_acc"] - source["val_acc"]),
-            "agreement %": 100 * ev["agreement_with_source"],
+            label: scale * ev[main], "Δ vs prefix (pts)": scale * (ev[main] - source[main]),
+            "agreement %": 100 * ev["agreement_with_source"],  # generation: identical greedy outputs
+            **({"token agreement %": 100 * ev["token_agreement"], "BLEU vs prefix output": ev["bleu_vs_source"],
+                "ROUGE-L": ev["rouge_l"]} if main == "bleu" else {}),
             "residual last, final layer": rec["residuals"]["last"][-1],
             "residual last, max layer": max(rec["residuals"]["last"]),
             "residual last, mean": rec["residual_last_mean"],
@@ -148,7 +153,7 @@ def main() -> None:
     df = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    print(f"\nprefix: {100 * source['val_acc']:.1f}% on {source['val_size']} validation inputs ({ckpt})")
+    print(f"\nprefix: {label} {scale * source[main]:.1f} on {source['val_size']} validation inputs ({ckpt})")
     print(df.to_markdown(index=False, floatfmt=".3f"))
 
 
