@@ -97,6 +97,12 @@ def test_a_long_input_is_cut_at_its_start_so_the_class_is_read_after_the_templat
     assert batch["scored"][0, 31] and batch["scored"][1, n_short - 1] and int(batch["scored"].sum()) == 2
 
 
+def test_a_newline_typed_on_the_command_line_is_a_newline_in_the_template():
+    cfg = compose_cfg("train", ["data=e2e", 'data.prompt="Describe it.\\n{mr}\\tText:"'])
+    assert cfg.data.prompt == "Describe it.\\n{mr}\\tText:"  # Hydra keeps the two characters
+    assert to_spec(cfg, "data").prompt == "Describe it.\n{mr}\tText:"
+
+
 def test_pair_template_uses_both_columns(tiny, tmp_path):
     _, tok = tiny
     rows = "premise\thypothesis\tlabel\nA dog runs.\tAn animal moves.\tentailment\nIt rains.\tIt is dry.\tcontradiction\n"

@@ -36,7 +36,8 @@ class DataSpec:
     hub_config: str | None = field(default=None, metadata={"help": "source=hub: its configuration, e.g. sst2."})
     hub_validation_split: str = field(default="validation", metadata={"help": "source=hub: the split scored."})
     prompt: str = field(default="Review: {sentence}\nSentiment:",
-                        metadata={"help": "Template; each {field} is a column of the data file."})
+                        metadata={"help": "Template; each {field} is a column of the data file; \\n and \\t as typed "
+                                          "on a command line are a newline and a tab."})
     label_column: str = field(default="label", metadata={"help": "classification: the column holding the class."})
     classes: list[str] = field(default_factory=lambda: ["0", "1"],
                                metadata={"help": "classification: class names as they appear in label_column."})
@@ -57,6 +58,8 @@ class DataSpec:
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
 
     def __post_init__(self) -> None:
+        # Hydra keeps `\n` typed in a command-line override as two characters; in a template it means a newline.
+        self.prompt = self.prompt.replace("\\n", "\n").replace("\\t", "\t")
         fields = self.prompt_fields
         if not fields:
             raise UserError("data.prompt", f"{self.prompt!r} names no column",
