@@ -4,6 +4,8 @@
     python compile.py -m ckpt=multirun/<date>/<time>/0 rank=1,2,4,8,16,32
     python compile.py ckpt=<run> rank=4 merge=true            # also write the merged fp32 model
     python compile.py ckpt=<run> preset=faithful              # closed form + distillation, ~30 min on CPU
+    python compile.py ckpt=<PEFT adapter dir> data=sst2       # a plain PEFT prefix / prompt / LLaMA-Adapter
+    python compile.py ckpt=<PEFT adapter dir> calib_file=prompts.txt model=smollm2
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
-from feta.compile import compile_run, merge_compiled
+from feta.compile import compile_run, resolve_source
 from feta.compile.spec import CompileConfig, CompileSpec
 from feta.errors import UserError
+from feta.schema import to_spec
 from feta.tracking import cli, log_artifact, make_logger, run_main, task_wrapper, use_artifact
 
 log = logging.getLogger("feta")
@@ -32,24 +35,29 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     if out.exists() and not settings.overwrite:
         raise UserError(f"out_dir={out}", "exists", "pass overwrite=true to replace it, or out_dir=<another dir>")
 
-    # Read (and check) the source's metrics before anything is written.
-    source = runs.read_json(Path(settings.ckpt) / runs.METRICS) if runs.is_finished(settings.ckpt) else {}
-    record = compile_run(settings.ckpt, spec, out, model_override=settings.base_model)
-    if settings.merge:
-        record["merge"] = merge_compiled(out, settings.merge_dtype)
-        runs.write_json(out / runs.COMPILE, record)
+    source = resolve_source(settings.ckpt, to_spec(cfg, "model") if cfg.model else None,
+                            to_spec(cfg, "data") if cfg.data else None, settings.calib_file, settings.base_model)
+    # Read (and check) a run's metrics before anything is written; a plain PEFT adapter has none.
+    metrics = (runs.read_json(Path(settings.ckpt) / runs.METRICS)
+               if source.run_dir is not None and runs.is_finished(source.run_dir) else {})
+    record = compile_run(source, spec, out, merge_dtype=settings.merge_dtype if settings.merge else None)
+    agree = record["next_token"]
     log.info(f"compiled r={spec.rank} in {record['fit_time_s']:.0f} s; residual at the scored positions, "
-             f"final layer {record['residual_last_final']:.3f}, mean {record['residual_last_mean']:.3f}; {out}")
+             f"final layer {record['residual_last_final']:.3f}, mean {record['residual_last_mean']:.3f}; next-token "
+             f"agreement {agree['agreement']:.3f} (base model {agree['base_agreement']:.3f}), KL {agree['kl']:.4f} "
+             f"(base model {agree['base_kl']:.4f}); {out}")
 
-    logger = make_logger(cfg, out, job_type="compile", name=f"{source.get('name', 'prefix')}->r{spec.rank}",
-                         group=source.get("wandb_group"))
+    logger = make_logger(cfg, out, job_type="compile", name=f"{metrics.get('name', source.ckpt.name)}->r{spec.rank}",
+                         group=metrics.get("wandb_group"))
     if logger is not None:
         for key in ("last", "content", "all"):
             for layer, value in enumerate(record["residuals"][key]):
                 logger.log_metrics({f"residual/{key}": value, "layer": layer})
-        logger.log_metrics({k: record[k] for k in ("residual_last_final", "residual_last_mean", "fit_time_s")})
-        use_artifact(logger, source.get("artifact"), Path(settings.ckpt) / runs.ADAPTER)
-        log_artifact(logger, out / runs.ADAPTER, name=f"{source.get('artifact', 'adapter')}-{out.name}", type_="adapter")
+        logger.log_metrics({**{k: record[k] for k in ("residual_last_final", "residual_last_mean", "fit_time_s")},
+                            **{f"next_token/{k}": v for k, v in record["next_token"].items()}})
+        use_artifact(logger, metrics.get("artifact"), source.adapter_dir)  # a feta run's artifact only
+        log_artifact(logger, out / runs.ADAPTER, name=f"{metrics.get('artifact', 'adapter')}-{out.name}",
+                     type_="adapter")
     return record
 
 

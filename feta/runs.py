@@ -202,6 +202,9 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
     run_dir = Path(run_dir)
     if (run_dir / COMPILE).is_file():
         record = read_json(run_dir / COMPILE, "compile.py")
+        if (record.get("source") or {}).get("kind") == "peft":
+            raise UserError(f"ckpt={run_dir}", "was compiled from a plain PEFT adapter; evaluate.py and serve.py read "
+                            "feta runs only", f"read its {COMPILE} (next_token) instead")
         source = Path(record["source_run"])
         cfg = load_run_config(source)
         check_adapter(run_dir / ADAPTER, f"compile.py ckpt={source} overwrite=true")

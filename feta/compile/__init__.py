@@ -1,14 +1,19 @@
 """Compile a trained prefix (or any token adaptation) into LoRA weights that merge into the base model.
 
-    spec.py      CompileSpec: method, rank, modules, calibration
-    tokens.py    micro-batches, attention sinks, which tokens the fit weighs
-    fit.py       the closed form: reduced-rank ridge per module, fitted layer by layer through hooks
-    distill.py   gradient steps from the prefix model (methods distill, lstsq+distill)
-    pipeline.py  compile_run: source -> calibration -> fit -> residuals -> compiled directory; merge
+    source.py        CompileSource: a feta run or a plain PEFT adapter directory, its base model and data
+    calibration.py   the fit's calibration batch and the held-out batch, from a task or a prompt file
+    spec.py          CompileSpec: method, rank, modules, calibration
+    tokens.py        micro-batches, attention sinks, which tokens the fit weighs
+    fit.py           the closed form: reduced-rank ridge per module, fitted layer by layer through hooks
+    distill.py       gradient steps from the prefix model (methods distill, lstsq+distill)
+    faithfulness.py  next-token agreement and KL of the compiled model against its source adapter
+    pipeline.py      compile_run: source -> calibration -> fit -> residuals -> compiled directory; merge
 """
 
-from feta.compile.pipeline import calibration_batches, check_source, compile_run, layer_residuals, merge_compiled
+from feta.compile.calibration import calibration_batches
+from feta.compile.pipeline import compile_run, layer_residuals, merge_compiled
+from feta.compile.source import CompileSource, check_source, resolve_source
 from feta.compile.spec import CLOSED_FORM, MODULE_PATTERNS, CompileSpec, Method
 
-__all__ = ["CLOSED_FORM", "MODULE_PATTERNS", "CompileSpec", "Method", "calibration_batches", "check_source",
-           "compile_run", "layer_residuals", "merge_compiled"]
+__all__ = ["CLOSED_FORM", "MODULE_PATTERNS", "CompileSource", "CompileSpec", "Method", "calibration_batches",
+           "check_source", "compile_run", "layer_residuals", "merge_compiled", "resolve_source"]

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from feta.compile.calibration import Calibration
 from feta.compile.spec import CompileSpec, DistillHidden, Schedule
 from feta.compile.tokens import sinks_in
 from feta.scoring import class_log_probs, input_positions, scored_logits
@@ -81,14 +82,14 @@ class DistillModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def distill(student, teacher, datamodule, spec: CompileSpec, seed: int) -> dict:
-    """Run `spec.distill_steps` steps on the run's training examples; returns the final losses."""
+def distill(student, teacher, calibration: Calibration, spec: CompileSpec, seed: int) -> dict:
+    """Run `spec.distill_steps` steps on the source's training examples (a task's training split, or a
+    prompt file's calibration prompts); returns the final losses."""
     L.seed_everything(seed + 2, workers=True, verbose=False)
     loader = torch.utils.data.DataLoader(
-        datamodule.splits["train"], batch_size=spec.distill_batch_size, shuffle=True, collate_fn=datamodule.collate,
+        calibration.train, batch_size=spec.distill_batch_size, shuffle=True, collate_fn=calibration.collate,
     )
-    verbalizers = getattr(datamodule.task, "verbalizer_ids", None)
-    module = DistillModule(student, teacher.eval(), verbalizers, spec.distill_lr, spec.distill_hidden,
+    module = DistillModule(student, teacher.eval(), calibration.verbalizer_ids, spec.distill_lr, spec.distill_hidden,
                            spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight)
     trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         accelerator="auto", devices=1, num_sanity_val_steps=0, limit_val_batches=0)

@@ -1,8 +1,10 @@
-"""The compile pipeline: a prefix run directory in, a compiled directory out.
+"""The compile pipeline: a resolved source (a feta run or a plain PEFT adapter, feta/compile/source.py)
+in, a compiled directory out.
 
     <out>/adapter/       a standard PEFT LoRA (PeftModel.from_pretrained loads it)
-    <out>/compile.json   method, rank, modules, per-layer residuals at the scored positions, fit time
-    <out>/merged/        with merge=true: the full model with the LoRA merged, safetensors
+    <out>/compile.json   method, rank, modules, where it came from, per-layer residuals and next-token
+                         faithfulness on the held-out inputs, fit time
+    <out>/merged/        with a merge dtype: the full model with the LoRA merged, safetensors
 """
 
 from __future__ import annotations
@@ -18,47 +20,26 @@ from peft import get_peft_model
 from torch import Tensor
 
 from feta import runs
-from feta.adapters import TOKEN_KINDS, compiled_lora_config, load_adapter, merge_checked
+from feta.adapters import compiled_lora_config, load_adapter, merge_checked
+from feta.compile.calibration import Calibration, calibrate
 from feta.compile.distill import distill
+from feta.compile.faithfulness import next_token
 from feta.compile.fit import SinkPlan, fit_lstsq, prefix_stream, target_modules
 from feta.compile.sink import prefix_key_values as sink_key_values
 from feta.compile.sink import supports as sink_supports
+from feta.compile.source import CompileSource, check_shapes
 from feta.compile.spec import CompileSpec, Method
 from feta.compile.tokens import find_sinks, fit_weights, micro_batches, sinks_in
-from feta.data import TaskDataModule, seeded_subset
 from feta.errors import UserError
 from feta.models import load_base_model
 from feta.scoring import input_positions
 
 # Calibration examples per micro-batch (see feta/compile/fit.py).
 MICRO_BATCH = 32
+# Held-out inputs the merged model's logits are checked on.
+MERGE_CHECK = 16
 # method=sink needs the first token to be the sink in (nearly) every sequence.
 SINK_AT_START = 0.9
-
-
-def check_source(run_dir: str | Path, model_override: str | None = None):
-    """Validate a prefix run before anything is loaded or written; returns (run cfg, adapter dir)."""
-    cfg = runs.load_run_config(run_dir)
-    kind = cfg.adapter.kind
-    if kind not in TOKEN_KINDS:
-        raise UserError(f"ckpt={run_dir}", f"is a {kind} run; compile turns a token adaptation "
-                        f"({', '.join(TOKEN_KINDS)}) into LoRA",
-                        f"a {kind} adapter is already weight-space: merge it with PEFT's merge_and_unload")
-    if model_override and model_override != cfg.model.name:
-        raise UserError(f"base_model={model_override}", f"but the prefix in ckpt={run_dir} was trained on "
-                        f"{cfg.model.name}", f"drop base_model or set base_model={cfg.model.name}")
-    return cfg, runs.adapter_dir(run_dir)
-
-
-def calibration_batches(datamodule: TaskDataModule, spec: CompileSpec, seed: int) -> tuple[dict, dict]:
-    """A seeded sample of the run's training examples (the fit; for generation prompt + reference target,
-    teacher-forced) and the first validation examples (held out for the residuals)."""
-    datamodule.setup()
-    # Seeded apart from the training subset's permutation.
-    calib = seeded_subset(datamodule.splits["train"], spec.calib_size, 1000 + seed + spec.calib_seed)
-    task = datamodule.task
-    held_out = datamodule.splits["validation"][: spec.eval_size]
-    return task.encode(calib, spec.calib_max_length), task.encode(held_out)
 
 
 @torch.no_grad()
@@ -93,12 +74,12 @@ def _check_rank(base, names: dict, spec: CompileSpec) -> None:
         raise UserError("rank", f"rank={spec.rank} exceeds the width of {spec.target} ({width})", f"use rank <= {width}")
 
 
-def _warn_absolute_positions(cfg, model_spec, base) -> None:
-    if cfg.adapter.kind == "prompt" and hasattr(base.config, "n_positions"):
+def _warn_absolute_positions(source: CompileSource, base) -> None:
+    if source.kind == "prompt" and hasattr(base.config, "n_positions"):
         warnings.warn(
-            f"{model_spec.name} has absolute position embeddings: the soft prompt also moves every input token "
-            f"{cfg.adapter.m} positions along them, which no LoRA reproduces; expect held-out residuals near 1 "
-            "(on rotary models such as Llama the shift is invisible)"
+            f"{source.model.name} has absolute position embeddings: the soft prompt also moves every input token "
+            f"{source.virtual_tokens} positions along them, which no LoRA reproduces; expect held-out residuals "
+            "near 1 (on rotary models such as Llama the shift is invisible)"
         )
 
 
@@ -118,9 +99,9 @@ def _sink_plan(base, prefix_model, batches: list[dict], sinks: list[Tensor], arc
     return plan, {"sink_at_start": share, "m": m}
 
 
-def _fit(base, prefix_model, dm: TaskDataModule, calib: dict, spec: CompileSpec, arch: str, seed: int):
+def _fit(base, prefix_model, calibration: Calibration, spec: CompileSpec, arch: str, seed: int):
     """The compiled PEFT LoRA model and its fit statistics."""
-    batches = micro_batches(calib, MICRO_BATCH)
+    batches = micro_batches(calibration.fit, MICRO_BATCH)
     stats, positions = {}, {}
     sinks = [find_sinks(base, b, spec.sink_ratio) for b in batches] if spec.method is not Method.distill else []
     plan = None
@@ -136,37 +117,26 @@ def _fit(base, prefix_model, dm: TaskDataModule, calib: dict, spec: CompileSpec,
         weights, positions = fit_weights(batches, sinks, spec)
         stats["modules"] = fit_lstsq(compiled, streams, batches, weights, arch, spec, sinks, plan)
     if spec.method in (Method.distill, Method.lstsq_distill):
-        stats["distill"] = distill(compiled, prefix_model, dm, spec, seed)
+        stats["distill"] = distill(compiled, prefix_model, calibration, spec, seed)
     return compiled.eval(), stats, positions
 
 
-def compile_run(run_dir: str | Path, spec: CompileSpec, out_dir: str | Path, model_override: str | None = None
-                ) -> dict[str, Any]:
-    """Compile the prefix of `run_dir` into a PEFT LoRA adapter at `out_dir`/adapter; returns compile.json."""
-    cfg, adapter_path = check_source(run_dir, model_override)
-    model_spec, data_spec, _ = runs.run_specs(cfg)
-    base, tokenizer = load_base_model(model_spec)
-    names = target_modules(base, model_spec.arch, spec.target)
-    _check_rank(base, names, spec)
-    _warn_absolute_positions(cfg, model_spec, base)
-    start = time.perf_counter()
-    dm = TaskDataModule(data_spec, tokenizer, seed=cfg.seed)
-    calib, held_out = calibration_batches(dm, spec, cfg.seed)
-    prefix_model = load_adapter(copy.deepcopy(base), adapter_path).eval()
-    compiled, stats, positions = _fit(base, prefix_model, dm, calib, spec, model_spec.arch, cfg.seed)
-    fit_time = time.perf_counter() - start
-    residuals = layer_residuals(base, prefix_model, compiled, micro_batches(held_out, MICRO_BATCH), spec.sink_ratio)
-    record = {
-        "source_run": str(Path(run_dir).resolve()),
-        "model": model_spec.name,
-        "task": dm.task.kind.value,
+def _record(source: CompileSource, spec: CompileSpec, names: list[str], calibration: Calibration, positions: dict,
+            residuals: dict, stats: dict, fit_time: float) -> dict[str, Any]:
+    """compile.json without its next-token numbers (and merge): what was compiled, how, and how closely."""
+    return {
+        "source_run": str(source.ckpt.resolve()),
+        "source": source.description,
+        "model": source.model.name,
+        "task": calibration.task,
         "method": spec.method.value,
         "rank": spec.rank,
         "bias": spec.bias,
         "target": spec.target,
-        "target_modules": list(names),
-        "calibration": {"examples": spec.calib_size, "max_length": spec.calib_max_length, **positions},
-        "eval_examples": spec.eval_size,
+        "target_modules": names,
+        "calibration": {"examples": int(calibration.fit["input_ids"].shape[0]), "max_length": spec.calib_max_length,
+                        **calibration.record, **positions},
+        "eval_examples": int(calibration.held_out["input_ids"].shape[0]),
         "residuals": residuals,
         "residual_last_final": residuals["last"][-1],
         "residual_last_mean": sum(residuals["last"]) / len(residuals["last"]),
@@ -175,25 +145,40 @@ def compile_run(run_dir: str | Path, spec: CompileSpec, out_dir: str | Path, mod
         "fit_time_s": fit_time,
         "spec": {k: getattr(v, "value", v) for k, v in vars(spec).items()},
     }
+
+
+def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, merge_dtype: str | None = None
+                ) -> dict[str, Any]:
+    """Compile the adapter of `source` into a PEFT LoRA adapter at `out_dir`/adapter (and, with a
+    `merge_dtype`, the merged model at `out_dir`/merged); returns compile.json."""
+    base, tokenizer = load_base_model(source.model)
+    check_shapes(source, base)
+    names = target_modules(base, source.model.arch, spec.target)
+    _check_rank(base, names, spec)
+    _warn_absolute_positions(source, base)
+    start = time.perf_counter()
+    calibration = calibrate(source, tokenizer, spec)
+    prefix_model = load_adapter(copy.deepcopy(base), source.adapter_dir).eval()
+    compiled, stats, positions = _fit(base, prefix_model, calibration, spec, source.model.arch, source.seed)
+    fit_time = time.perf_counter() - start
+    held_out = micro_batches(calibration.held_out, MICRO_BATCH)
+    residuals = layer_residuals(base, prefix_model, compiled, held_out, spec.sink_ratio)
+    record = _record(source, spec, list(names), calibration, positions, residuals, stats, fit_time)
+    record["next_token"] = next_token(base, prefix_model, compiled, held_out)
     with runs.atomic_dir(out_dir) as tmp:
         compiled.save_pretrained(str(tmp / runs.ADAPTER))
+        if merge_dtype is not None:
+            check = {k: calibration.held_out[k][:MERGE_CHECK] for k in ("input_ids", "attention_mask")}
+            record["merge"] = merge_compiled(tmp, merge_dtype, base, check)
         runs.write_json(tmp / runs.COMPILE, record)
     return record
 
 
-def merge_compiled(compiled_dir: str | Path, dtype: str) -> dict[str, Any]:
-    """Merge the saved compiled adapter into a fresh base model (plain PEFT load), save `merged/`,
-    and report the max abs logit difference between merged and unmerged."""
+def merge_compiled(compiled_dir: str | Path, dtype: str, base, check_inputs: dict[str, Tensor]) -> dict[str, Any]:
+    """Merge the saved compiled adapter into a copy of `base` (plain PEFT load), save `merged/`, and report
+    the max abs logit difference between merged and unmerged on `check_inputs`."""
     compiled_dir = Path(compiled_dir)
-    record = runs.read_json(compiled_dir / runs.COMPILE, "compile.py")
-    cfg = runs.load_run_config(record["source_run"])
-    model_spec, data_spec, _ = runs.run_specs(cfg)
-    base, tokenizer = load_base_model(model_spec)
-    dm = TaskDataModule(data_spec, tokenizer)
-    dm.setup()
-    batch = dm.collate(dm.splits["validation"][:16])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    merged, diff = merge_checked(base, compiled_dir / runs.ADAPTER, dtype, inputs)
+    merged, diff = merge_checked(copy.deepcopy(base), compiled_dir / runs.ADAPTER, dtype, check_inputs)
     with runs.atomic_dir(compiled_dir / "merged") as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
     return {"dtype": dtype, "max_abs_logit_diff": diff, "path": "merged"}

@@ -154,9 +154,15 @@ DTYPES = ("float32", "float16", "bfloat16")
 class CompileConfig(CompileSpec):
     """Schema of `conf/compile.yaml`: the compile settings plus where to read and write."""
 
-    ckpt: str = field(default=MISSING, metadata={"help": "A prefix run directory written by train.py."})
+    ckpt: str = field(default=MISSING, metadata={"help": "A token-adaptation run written by train.py, or a "
+                                                         "plain PEFT adapter directory."})
     base_model: str | None = field(default=None, metadata={"help": "Guard: the model name the prefix must be "
                                                                    "trained on (e.g. smollm2)."})
+    model: Any = field(default=None, metadata={"help": "PEFT adapter only: conf/model/*, its base model (null = "
+                                                       "adapter_config.json's base_model_name_or_path)."})
+    data: Any = field(default=None, metadata={"help": "PEFT adapter only: conf/data/*, the task it calibrates on."})
+    calib_file: str | None = field(default=None, metadata={"help": "PEFT adapter only: a UTF-8 text file of "
+                                                                   "calibration prompts, one per line."})
     merge: bool = field(default=False, metadata={"help": "Also write merged/: the LoRA merged, safetensors."})
     merge_dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing compiled directory."})

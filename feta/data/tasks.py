@@ -30,6 +30,15 @@ def last_real_token(attention_mask: torch.Tensor) -> torch.Tensor:
     return is_last
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `scored` (each prompt's last real token) of prompt
+    texts. A long prompt loses its start, not its end: its end is where the next token is read."""
+    rows = [ids[-max_length:] for ids in tokenizer(prompts)["input_ids"]]
+    enc = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "scored": last_real_token(enc["attention_mask"])}
+
+
 class Task:
     """What both task kinds share: the template, the tokenizer, and the columns a file must hold."""
 
@@ -99,13 +108,9 @@ class ClassificationTask(Task):
         return self.classes.index(example[self.spec.label_column])
 
     def encode(self, examples: list[Example], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        # A long input loses its start, not its end: the template's end is where the class is read.
-        limit = max_length or self.spec.max_length
-        rows = [ids[-limit:] for ids in self.tokenizer(self.prompts(examples))["input_ids"]]
-        enc = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": torch.tensor([self.label(ex) for ex in examples]),
-                "scored": last_real_token(enc["attention_mask"])}
+        # The template's end is where the class is read, so a long input is cut at its start.
+        enc = encode_prompts(self.tokenizer, self.prompts(examples), max_length or self.spec.max_length)
+        return {**enc, "labels": torch.tensor([self.label(ex) for ex in examples])}
 
 
 class GenerationTask(Task):

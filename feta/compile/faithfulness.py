@@ -1,0 +1,33 @@
+"""How closely a compiled LoRA reproduces its source adapter's next-token predictions (compile.json's
+`next_token`), measured on the held-out inputs at the scored positions, and where the base model stands.
+
+Agreement says how often greedy decoding keeps the adapter's next token; KL(adapter ‖ compiled) also sees
+the probabilities below the top token, which sampling and later tokens depend on. Both are task-free, so
+they measure a plain PEFT adapter compiled from a prompt file as well as a feta run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from feta.scoring import scored_logits
+
+
+@torch.no_grad()
+def next_token(base_model, source_model, compiled_model, batches: list[dict[str, Tensor]]) -> dict[str, float | int]:
+    """{agreement, kl, base_agreement, base_kl, positions}: top-1 next-token agreement with the source adapter
+    and mean KL(source ‖ model) in nats, for the compiled model and for the base model, over every scored
+    position of `batches`."""
+    sums = {"agreement": 0.0, "kl": 0.0, "base_agreement": 0.0, "base_kl": 0.0}
+    positions = 0
+    for batch in batches:
+        target = F.log_softmax(scored_logits(source_model, batch).float(), -1)  # (n_scored, V)
+        top = target.argmax(-1)
+        for prefix, model in (("", compiled_model), ("base_", base_model)):
+            logp = F.log_softmax(scored_logits(model, batch).float(), -1)
+            sums[f"{prefix}agreement"] += float((logp.argmax(-1) == top).sum())
+            sums[f"{prefix}kl"] += float((target.exp() * (target - logp)).sum(-1).double().sum())
+        positions += int(top.numel())
+    return {**{k: v / max(positions, 1) for k, v in sums.items()}, "positions": positions}
