@@ -22,12 +22,12 @@ from hydra import compose, initialize_config_dir
 from peft import PrefixTuningConfig, get_peft_model, initialize_kv_prefix_from_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from feta.data.spec import SST2_INSTRUCTION
 from feta.models import ModelSpec, dequantize_gguf
 from feta.schema import to_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("Classify the sentiment of each movie review as positive or negative. Read the whole review, weigh "
-        "praise against criticism, and answer with one word: positive or negative.")
+TEXT = SST2_INSTRUCTION  # feta's SST-2 instruction, so the prefix starts as a quickstart prefix does
 
 
 def smollm2_dir() -> Path:

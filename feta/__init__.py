@@ -23,6 +23,10 @@ LIBRARY_WARNINGS = (
     # ':' is written \x3a so that pyproject.toml's `action:message:category:module` can hold the same regex.
     (r"Adapter \S+\x3a \d+ LoRA tensor\(s\) have invalid shape\x3a \S+\.lora_B\.bias\x3a\(\d+,\)"
      r"(, \S+\.lora_B\.bias\x3a\(\d+,\))*( \(\+\d+ more\))?\. A 1-D", UserWarning, r"peft\.utils\.save_and_load"),
+    # PEFT warns that a bias-free layer cannot merge a lora_bias; feta's merge gives the model zero-initialized
+    # biases first (attention_bias=True), and the merged logits match the adapter's (compile.json: merge).
+    (r"`lora_bias=True` was passed but the targeted layer of type \w+ has no bias", UserWarning,
+     r"peft\.tuners\.lora\.layer"),
     # torchdata's StatefulDataLoader still calls torch.set_vital.
     (r"'set_vital' is deprecated", UserWarning, r"torchdata\.stateful_dataloader\.stateful_dataloader"),
 )

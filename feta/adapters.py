@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig,
                   get_peft_model, initialize_kv_prefix_from_text)
 
+from feta.data.spec import SST2_INSTRUCTION
 from feta.errors import UserError, check_choice, check_positive
 from feta.models import max_positions
 
@@ -29,10 +30,8 @@ DEFAULT_IA3_FEEDFORWARD = {"gpt2": ["mlp.c_proj"], "llama": ["down_proj"]}
 GATED_PREFIX_MODEL_TYPES = ("gpt2", "llama", "mistral")
 # Text whose key/value cache starts a prefix (PEFT's text init): real text keeps the model on its
 # manifold, where a random prefix first destroys it (65.5% vs 87.6% on SmolLM2, docs/results/family.md).
-DEFAULT_INIT_TEXT = (
-    "Classify the sentiment of each movie review as positive or negative. Read the whole review, "
-    "weigh praise against criticism, and answer with one word: positive or negative."
-)
+# The configs take the task's own instruction (conf/adapter/prefix.yaml: init_text: ${data.instruction}).
+DEFAULT_INIT_TEXT = SST2_INSTRUCTION
 
 
 def _check_kind(kind: str, expected: str, spec: str) -> None:
@@ -59,7 +58,8 @@ class PrefixSpec:
     init: str = field(
         default="text", metadata={"help": "text: base model's KV of `init_text`; random; zero (PEFT init_weights)."}
     )
-    init_text: str = field(default=DEFAULT_INIT_TEXT, metadata={"help": "Text for init=text; needs >= m tokens."})
+    init_text: str | None = field(default=DEFAULT_INIT_TEXT,
+                                  metadata={"help": "Text for init=text, >= m tokens; the configs use data.instruction."})
     projection: bool = field(default=False, metadata={"help": "MLP reparameterization (Li & Liang); init must not be text."})
     projection_hidden: int = field(default=512, metadata={"help": "Hidden size of the reparameterization MLP."})
     lr: float = field(default=3e-3, metadata={"help": "Learning rate."})
@@ -71,9 +71,9 @@ class PrefixSpec:
         if self.projection and self.init == "text":
             raise UserError("adapter.projection=true", "cannot start from text (PEFT)",
                             "set adapter.init=random or zero")
-        if self.init == "text" and not self.init_text.strip():
-            raise UserError("adapter.init=text", "needs a non-empty adapter.init_text",
-                            "give adapter.init_text or set adapter.init=random")
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise UserError("adapter.init=text", "needs a non-empty adapter.init_text (by default data.instruction)",
+                            "set data.instruction to the task in words, or adapter.init=random")
         check_positive("adapter.projection_hidden", self.projection_hidden)
         check_positive("adapter.lr", self.lr, what="number")
 
@@ -109,16 +109,17 @@ class PromptSpec:
         default="text", metadata={"help": "text: embeddings of `init_text` (repeated/cut to m); random; "
                                           "vocab: embeddings of m sampled vocabulary tokens."}
     )
-    init_text: str = field(default=DEFAULT_INIT_TEXT, metadata={"help": "Text for init=text."})
+    init_text: str | None = field(default=DEFAULT_INIT_TEXT,
+                                  metadata={"help": "Text for init=text; the configs use data.instruction."})
     lr: float = field(default=3e-3, metadata={"help": "Learning rate (prefix's; not tuned for prompts)."})
 
     def __post_init__(self) -> None:
         _check_kind(self.kind, "prompt", "PromptSpec")
         check_choice("adapter.init", self.init, ("text", "random", "vocab"))
         _check_length(self.m, "prompt length")
-        if self.init == "text" and not self.init_text.strip():
-            raise UserError("adapter.init=text", "needs a non-empty adapter.init_text",
-                            "give one or set adapter.init=vocab")
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise UserError("adapter.init=text", "needs a non-empty adapter.init_text (by default data.instruction)",
+                            "set data.instruction to the task in words, or adapter.init=vocab")
         check_positive("adapter.lr", self.lr, what="number")
 
 

@@ -96,7 +96,7 @@ def _generation(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec) ->
     rows = [{"input": p, "output": o, "references": r} for p, o, r in zip(dm.prompts("validation"), outputs, dm.references)]
     if run.kind == "compiled":  # three views of agreement with the source prefix
         source_model = load_adapter(load_base_model(model_spec)[0], run.source_dir / runs.ADAPTER).eval()
-        source_outputs = generate(source_model, dm)
+        source_outputs = _source_outputs(run, dm, source_model)
         result["agreement_with_source"] = sum(a == b for a, b in zip(outputs, source_outputs)) / len(outputs)
         result["token_agreement"] = float((teacher_forced_predictions(model, dm)
                                            == teacher_forced_predictions(source_model, dm)).float().mean())
@@ -153,6 +153,16 @@ def _source_predictions(run: runs.ResolvedRun, dm: TaskDataModule, model_spec) -
     base, _ = load_base_model(model_spec)
     prefix = load_adapter(base, run.source_dir / runs.ADAPTER).eval()
     return predict(prefix, dm)[0].tolist()
+
+
+def _source_outputs(run: runs.ResolvedRun, dm: TaskDataModule, source_model) -> list[str]:
+    """The source prefix's greedy outputs: from its outputs.jsonl when it holds these inputs, else decoded."""
+    path = run.source_dir / OUTPUTS
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if [r["input"] for r in rows] == dm.prompts("validation"):
+            return [r["output"] for r in rows]
+    return generate(source_model, dm)
 
 
 def validation_batch(data_spec: DataSpec, tokenizer, n: int, seed: int = 0) -> dict[str, torch.Tensor]:

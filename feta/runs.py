@@ -210,7 +210,7 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
         check_adapter(run_dir / ADAPTER, f"compile.py ckpt={source} overwrite=true")
         source_kind = "" if cfg.adapter.kind == "prefix" else f"{cfg.adapter.kind}-"
         name = (f"compiled-{source_kind}m{cfg.adapter.m}-r{record['rank']}"
-                + ("" if record["method"] == "lstsq" else f"-{record['method']}"))
+                + ("" if record["method"] == "sink" else f"-{record['method']}"))
         return ResolvedRun(run_dir, "compiled", name, cfg, record, source)
     cfg = load_run_config(run_dir)
     if not (run_dir / METRICS).is_file():

@@ -11,6 +11,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+# Imported for their ConfigStore entries: composing train.yaml needs every group's *_schema registered.
+import feta.adapters  # noqa: F401
+import feta.data.spec  # noqa: F401
+import feta.models  # noqa: F401
 from feta.errors import UserError, check_choice, check_positive
 
 
@@ -30,7 +34,9 @@ def to_spec(cfg: DictConfig, key: str, spec_cls: type | None = None):
     if unknown:
         raise UserError(f"{key}.{unknown[0]}", f"is not a setting of {spec_cls.__name__}",
                         f"known: {', '.join(sorted(known))}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec_cls), node))
+    # Resolved in place first: merging detaches the node, and `${data.instruction}` needs its root.
+    resolved = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec_cls), resolved))
 
 
 # ---------------------------------------------------------------------------------------------

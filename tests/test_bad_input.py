@@ -190,7 +190,7 @@ CASES = [
          r".*/copy/adapter/adapter_model\.safetensors: is corrupt", damaged("lora", SAFETENSORS, b"\x00\x01garbage")),
     # --- unknown choices
     Case("compile-method-foo", "compile", ("ckpt=<PREFIX>", "method=foo"),
-         r"method: unknown choice 'foo'; use one of lstsq"),
+         r"method: unknown choice 'foo'; use one of sink, lstsq"),
     Case("compile-target-zz", "compile", ("ckpt=<PREFIX>", "target=zz"),
          r"target: unknown or repeated module kind 'zz'"),
     Case("compile-fit-positions", "compile", ("ckpt=<PREFIX>", "fit_positions=middle"),

@@ -11,17 +11,21 @@ import pytest
 import torch
 from omegaconf import open_dict
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from compile import compile_prefix
 from feta import runs
 from feta.adapters import compiled_lora_config
-from feta.compile import CompileSpec, layer_residuals
+from feta.compile import CompileSpec, layer_residuals, pipeline
+from feta.compile import fit as fit_module
 from feta.compile.distill import DistillModule
 from feta.compile.fit import fit_lstsq, prefix_stream, reduced_rank_fit
+from feta.compile.sink import merged_key_value, sink_direction
 from feta.compile.tokens import detect_sinks, micro_batches
 from feta.data import last_real_token
 from feta.models import load_base_model
+from feta.schema import to_spec
 from tests.conftest import compose_cfg, tiny_train_cfg
 from train import train
 
@@ -85,7 +89,6 @@ def test_zero_effect_source_compiles_to_a_zero_lora():
     """A source adapter with no effect gives all-zero targets: the fitted LoRA must be exactly zero.
     (It fails if the captured streams are misaligned between the two passes.)"""
     cfg = compose_cfg("train", ["model=gpt2_tiny"])
-    from feta.schema import to_spec
 
     base, tok = load_base_model(to_spec(cfg, "model"))
     source = get_peft_model(base, LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))  # B = 0: no effect
@@ -104,7 +107,6 @@ def test_zero_effect_source_compiles_to_a_zero_lora():
 
 
 def _tiny_prefix_source():
-    from feta.schema import to_spec
 
     base, tok = load_base_model(to_spec(compose_cfg("train", ["model=gpt2_tiny"]), "model"))
     torch.manual_seed(0)
@@ -120,7 +122,6 @@ def test_a_weight_space_source_is_recovered_on_the_modules_it_changed(match):
     """Known answer: a source that IS a rank-2 LoRA on the attention and MLP output projections. The
     closed form with target=o+mlp must recover both updates (so the compiled model equals the
     source); target=o alone cannot reproduce the MLP's change."""
-    from feta.schema import to_spec
 
     base, tok = load_base_model(to_spec(compose_cfg("train", ["model=gpt2_tiny"]), "model"))
     names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
@@ -157,19 +158,17 @@ def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monke
     """Rows that reach the least squares: an o fit leaves sink tokens out; an MLP fit keeps them with
     target zero (its LoRA must not move the massive activation), and neither changes the weights of
     the other tokens."""
-    import feta.compile.fit as compiler
-
     base, source, batch = _tiny_prefix_source()
     sinks = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
     sinks[:, 0] = True
     weights = batch["attention_mask"].double().masked_fill(sinks, 0.0)
-    calls, fit = [], compiler.reduced_rank_fit
+    calls, fit = [], fit_module.reduced_rank_fit
 
     def spy(x, target, rank, ridge, bias, w):
         calls.append((x, target, w))
         return fit(x, target, rank, ridge, bias, w)
 
-    monkeypatch.setattr(compiler, "reduced_rank_fit", spy)
+    monkeypatch.setattr(fit_module, "reduced_rank_fit", spy)
     names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
     compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, False, "gpt2")).eval()
     fit_lstsq(compiled, [prefix_stream(source, batch, "gpt2", mlp=True)], [batch], [weights], "gpt2",
@@ -313,7 +312,7 @@ def test_llama_bias_compile_reloads_and_merges(llama_prefix_run, tmp_path, targe
         (["target=o+qkv"], ValueError, r"target: o\+qkv needs method=distill or lstsq\+distill: the closed form fits only"),
         (["target=qkv", "method=lstsq+distill"], ValueError, r"lstsq\+distill needs one of o, mlp in the target"),
         (["distill_steps=0", "method=distill"], ValueError, r"distill_steps: must be a positive int"),
-        (["method=foo"], ValueError, r"method: unknown choice 'foo'; use one of lstsq, distill, lstsq\+distill"),
+        (["method=foo"], ValueError, r"method: unknown choice 'foo'; use one of sink, lstsq, distill, lstsq\+distill"),
         (["target=o+o"], ValueError, r"target: unknown or repeated module kind 'o'"),
     ],
 )
@@ -431,7 +430,6 @@ def test_faithful_preset_sets_the_measured_recipe_and_runs_on_llama(llama_prefix
 def test_lstsq_distill_starts_o_in_closed_form_and_trains_v_from_zero(llama_prefix_run, tmp_path):
     """lstsq+distill with target=v+o: the closed form fits only the o_proj LoRAs (v_proj has no
     per-token closed form); distillation then moves v_proj off PEFT's zero start."""
-    from safetensors.torch import load_file
 
     out = tmp_path / "vo"
     common = ("rank=2", "target=v+o", "method=lstsq+distill", "distill_hidden=layers", "distill_lr=1e-3")
@@ -451,8 +449,6 @@ def test_sink_key_is_exact_when_the_prefix_is_a_second_sink():
     """Known answer: one prefix slot equal to the sink (key and value). logsumexp of two equal logits is the
     sink's logit + log 2, a constant shift, so the merged key is exact when the queries carry a constant
     component (q = [1, r]): δ_k = (log 2 / scale)·e_0; the value mix is the sink's own value, δ_v = 0."""
-    from feta.compile.sink import merged_key_value
-
     g = torch.Generator().manual_seed(0)
     n, d, scale = 300, 8, 8 ** -0.5
     q = torch.cat([torch.ones(n, 1), torch.randn(n, d - 1, generator=g)], 1).double()
@@ -473,8 +469,6 @@ def test_sink_key_is_exact_when_the_prefix_is_a_second_sink():
 def test_sink_direction_annihilates_content_in_the_calibration_span():
     """u: uᵀx_sink = 1, and uᵀx ≈ 0 for any input in the span of the calibration content inputs (here a
     5-dimensional subspace of 16), including inputs not seen in the fit."""
-    from feta.compile.sink import sink_direction
-
     g = torch.Generator().manual_seed(0)
     basis = torch.randn(5, 16, generator=g).double()
     x_content = torch.randn(400, 5, generator=g).double() @ basis
@@ -488,8 +482,6 @@ def test_sink_direction_annihilates_content_in_the_calibration_span():
 def _sink_at_start(monkeypatch):
     """A random tiny Llama has no massive-activation token; mark each sequence's first token as its sink,
     as SmolLM2's is, so method=sink runs its own path instead of falling back."""
-    import feta.compile.pipeline as pipeline
-
     def first_token(base_model, batch, ratio):
         sinks = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
         sinks[:, 0] = True
@@ -502,8 +494,6 @@ def test_sink_edit_moves_only_the_sink_and_merges(llama_prefix_run, tmp_path, mo
     """method=sink target=none on llama_tiny: rank-1 LoRAs on k_proj and v_proj whose change of the keys at
     layer 0 (same inputs in both models) is δ at the sink and at most the recorded leak elsewhere; the
     merged model equals the unmerged adapter; the compiled model is closer to the prefix than the base."""
-    from safetensors.torch import load_file
-
     _sink_at_start(monkeypatch)
     out = tmp_path / "sink"
     rec = compile_prefix(compile_cfg(llama_prefix_run, "method=sink", "target=none", "merge=true", f"out_dir={out}"))
@@ -532,11 +522,16 @@ def test_sink_edit_moves_only_the_sink_and_merges(llama_prefix_run, tmp_path, mo
     assert rec["residual_last_mean"] < 1.0  # nearer the prefix than the base model is
 
 
-def test_sink_falls_back_without_a_sink_and_says_so(llama_prefix_run, tmp_path):
-    """A random tiny Llama parks no attention on its first token: method=sink warns, records why, and
-    gives exactly the closed form's result."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sink_falls_back_without_a_sink_and_says_so(arch, llama_prefix_run, prefix_run, tmp_path):
+    """method=sink is the default. A random tiny Llama parks no attention on its first token, and GPT-2's
+    learned positions leave no position-free sink slot: the compile warns, records why, and gives exactly
+    the closed form's (method=lstsq) result."""
+    run = llama_prefix_run if arch == "llama" else prefix_run
+    reason = "first token is an attention sink in" if arch == "llama" else "gpt2 has absolute position embeddings"
     with pytest.warns(UserWarning, match=r"method=sink falls back to the closed form"):
-        rec = compile_prefix(compile_cfg(llama_prefix_run, "method=sink", f"out_dir={tmp_path / 's'}"))
-    plain = compile_prefix(compile_cfg(llama_prefix_run, f"out_dir={tmp_path / 'l'}"))
-    assert "first token is an attention sink in" in rec["fit_stats"]["sink"]["fallback"]
+        rec = compile_prefix(compile_cfg(run, f"out_dir={tmp_path / 's'}"))
+    plain = compile_prefix(compile_cfg(run, "method=lstsq", f"out_dir={tmp_path / 'l'}"))
+    assert rec["method"] == "sink" and plain["method"] == "lstsq"
+    assert reason in rec["fit_stats"]["sink"]["fallback"]
     assert rec["residual_last_mean"] == plain["residual_last_mean"]

@@ -113,6 +113,21 @@ def test_lora_targets_checked_against_the_model(tiny_model):
         build_adapter(model, tok, LoraSpec(targets=["q_proj"]), "gpt2", "gpt2_tiny")
 
 
+@pytest.mark.parametrize("data", ["sst2", "agnews", "e2e"])
+@pytest.mark.parametrize("adapter", ["prefix", "prompt"])
+def test_text_init_starts_from_the_tasks_instruction(data, adapter):
+    cfg = compose_cfg("train", [f"data={data}", f"adapter={adapter}"])
+    instruction = to_spec(cfg, "data").instruction
+    assert to_spec(cfg, "adapter").init_text == instruction and len(instruction.split()) >= 16
+    assert (data == "sst2") == (instruction == PrefixSpec().init_text)  # each task has its own words
+
+
+def test_text_init_without_an_instruction_names_it():
+    with pytest.raises(ValueError, match=r"adapter\.init=text: .*data\.instruction"):
+        to_spec(compose_cfg("train", ["data.instruction=null"]), "adapter")
+    assert to_spec(compose_cfg("train", ["data.instruction=null", "adapter=lora"]), "adapter").r == 4
+
+
 def test_prefix_init_text_must_cover_m(tiny_model):
     model, tok = tiny_model
     with pytest.raises(ValueError, match=r"adapter\.init_text: has 2 tokens but adapter\.m=16"):

@@ -138,4 +138,6 @@ def test_generation_trains_on_targets_compiles_and_scores_bleu(e2e_sweep):
     lines = [json.loads(x) for x in (dirs["compiled-r4"] / "outputs.jsonl").read_text().splitlines()]
     same = sum(x["output"] == x["source_output"] for x in lines) / len(lines)
     assert compiled["agreement_with_source"] == pytest.approx(same)
+    prefix_lines = [json.loads(x) for x in (dirs["0"] / "outputs.jsonl").read_text().splitlines()]
+    assert [x["source_output"] for x in lines] == [x["output"] for x in prefix_lines]  # read back, not re-decoded
     assert (e2e_sweep / "report" / "metric_vs_latency.png").is_file()

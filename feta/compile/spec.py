@@ -30,10 +30,10 @@ MLP = {"llama": r"layers\.(\d+)\.mlp", "gpt2": r"h\.(\d+)\.mlp"}
 
 
 class Method(str, Enum):
-    lstsq = "lstsq"  # closed form, no gradient steps
+    sink = "sink"  # the prefix merged into the attention sink's slot (k/v), then the closed form on `target`
+    lstsq = "lstsq"  # the closed form on `target` alone, no gradient steps
     distill = "distill"  # gradient steps from PEFT's zero init
     lstsq_distill = "lstsq+distill"  # the closed form, then gradient steps
-    sink = "sink"  # the prefix merged into the attention sink's slot (k/v), then the closed form on `target`
 
 
 class FitPositions(str, Enum):
@@ -71,7 +71,7 @@ class CompileSpec:
 
     rank: int = field(default=4, metadata={"help": "LoRA rank r of the compiled adapter (0 = bias only)."})
     # A str, not the Enum: OmegaConf converts Enums by member name, and "lstsq+distill" is no identifier.
-    method: str = field(default=Method.lstsq.value, metadata={"help": "lstsq | distill | lstsq+distill."})
+    method: str = field(default=Method.sink.value, metadata={"help": "sink | lstsq | distill | lstsq+distill."})
     target: str = field(default="o", metadata={"help": "Module kinds the LoRA goes on, joined by +: o (attention "
                                                        "output projection), mlp (MLP output projection), q/k/v, qkv (GPT-2)."})
     bias: bool | None = field(default=None, metadata={"help": "Fit a per-module bias with the low-rank map "
@@ -105,10 +105,7 @@ class CompileSpec:
         if "none" in kinds and (self.method is not Method.sink or len(kinds) > 1):
             raise UserError("target", "none (no closed-form modules) goes only with method=sink, alone",
                             "use target=none with method=sink, or a module kind")
-        if self.method is Method.sink and not set(kinds) <= {*CLOSED_FORM, "none"}:
-            raise UserError("target", f"{self.target}: method=sink adds only closed-form modules "
-                            f"({', '.join(CLOSED_FORM)}) or none", "use target=o (default) or target=none")
-        if self.method is Method.lstsq and not set(kinds) <= set(CLOSED_FORM):
+        if self.method in (Method.sink, Method.lstsq) and not set(kinds) <= {*CLOSED_FORM, "none"}:
             raise UserError("target", f"{self.target} needs method=distill or lstsq+distill: the closed form fits "
                             f"only per-token maps ({', '.join(CLOSED_FORM)})", "use target=o or a distill method")
         if self.method is Method.lstsq_distill and not set(kinds) & set(CLOSED_FORM):
@@ -121,7 +118,7 @@ class CompileSpec:
         if self.rank == 0 and not self.bias:
             raise UserError("rank", "rank=0 with bias=false leaves nothing to fit", "set rank >= 1 or bias=true")
         if self.rank == 0 and self.method not in (Method.lstsq, Method.sink):
-            raise UserError("rank", f"rank=0 (bias only) needs method=lstsq, got method={self.method.value}",
+            raise UserError("rank", f"rank=0 (bias only) needs method=sink or lstsq, got method={self.method.value}",
                             "set rank >= 1")
         if self.bias and self.method is Method.distill:
             raise UserError("bias", "bias=true is a closed-form option", "use method=lstsq or lstsq+distill")
@@ -142,7 +139,7 @@ class CompileSpec:
     @property
     def dir_name(self) -> str:
         """The compiled directory's name under the source run: compiled-r4, compiled-r4-distill-v_o, ..."""
-        return (f"compiled-r{self.rank}" + ("" if self.method is Method.lstsq else f"-{self.method.value}")
+        return (f"compiled-r{self.rank}" + ("" if self.method is Method.sink else f"-{self.method.value}")
                 + ("" if self.target == "o" else f"-{self.target.replace('+', '_')}")
                 + ("-nobias" if not self.bias and self.method is not Method.distill else ""))
 

@@ -11,6 +11,13 @@ from hydra.core.config_store import ConfigStore
 from feta.errors import UserError, check_positive
 
 
+# SST-2's task in words. A text-initialized prefix or prompt starts from its key/value cache (adapter.init=text).
+SST2_INSTRUCTION = (
+    "Classify the sentiment of each movie review as positive or negative. Read the whole review, "
+    "weigh praise against criticism, and answer with one word: positive or negative."
+)
+
+
 class TaskKind(str, Enum):
     classification = "classification"  # K classes, each scored as its verbalizer's continuation
     generation = "generation"  # a target text after the prompt, trained on the target tokens only
@@ -38,6 +45,9 @@ class DataSpec:
     prompt: str = field(default="Review: {sentence}\nSentiment:",
                         metadata={"help": "Template; each {field} is a column of the data file; \\n and \\t as typed "
                                           "on a command line are a newline and a tab."})
+    instruction: str | None = field(default=SST2_INSTRUCTION,
+                                    metadata={"help": "The task in words; adapter.init=text starts a prefix or a "
+                                                      "prompt from it (adapter.init_text: ${data.instruction})."})
     label_column: str = field(default="label", metadata={"help": "classification: the column holding the class."})
     classes: list[str] = field(default_factory=lambda: ["0", "1"],
                                metadata={"help": "classification: class names as they appear in label_column."})
