@@ -12,7 +12,7 @@ import torch
 from omegaconf import open_dict
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from compile import compile_prefix
 from feta import runs
@@ -21,9 +21,10 @@ from feta.compile import CompileSpec, layer_residuals, pipeline
 from feta.compile import fit as fit_module
 from feta.compile.distill import DistillModule
 from feta.compile.fit import fit_lstsq, prefix_stream, reduced_rank_fit
-from feta.compile.sink import merged_key_value, sink_direction
+from feta.compile.sink import collect_rows, fit_layer, merged_key_value, sink_direction
 from feta.compile.tokens import detect_sinks, micro_batches
 from feta.data import last_real_token
+from feta.equivalence.attention import rotate
 from feta.models import load_base_model
 from feta.schema import to_spec
 from tests.conftest import compose_cfg, tiny_train_cfg
@@ -464,6 +465,49 @@ def test_sink_key_is_exact_when_the_prefix_is_a_second_sink():
     _, _, loose = merged_key_value(q[:, 1:], q[:, 1:], k_sink[1:].expand(n, d - 1), v_sink[1:].expand(n, d - 1),
                                    k_sink[None, 1:], v_sink[None, 1:], content_lse, scale)
     assert loose["key_fit_residual"] > 0.5
+
+
+def test_sink_key_is_exact_on_a_tiny_llama_whose_prefix_slot_is_a_second_sink():
+    """The same known answer through a Llama layer's own q/k/v and rotary code (collect_rows, fit_layer).
+    Every sequence starts with the same token, the sink; the one prefix slot holds the sink's key, rotated
+    to where the prefix model puts the sink (position m = 1), and its value. Each query then sees the
+    sink's logit twice, so the merged slot's logit is the sink's + log 2. An exact key exists when each
+    query carries a constant component: here one query dimension reads only a constant input channel, at
+    a rotary frequency ~0 (rope_theta 1e12). Then δ_k = log 2 / (scale·c) on that dimension, δ_v = 0."""
+    d, D, c = 8, 32, 3.0
+    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=d, vocab_size=50, rope_theta=1e12)
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb = torch.randn(50, D, generator=g)
+        emb[:, 0] = 0
+        emb *= ((D - 1) / emb.pow(2).sum(1, keepdim=True)).sqrt()  # every row's rms is 1 with channel 0 = 1
+        emb[:, 0] = 1
+        model.model.embed_tokens.weight.copy_(emb)
+        attn = model.model.layers[0].self_attn
+        const = [h * d + d // 2 - 1 for h in range(4)]  # the lowest-frequency rotary dimension of each head
+        attn.q_proj.weight[const] = 0
+        attn.q_proj.weight[const, 0] = c
+    ids = torch.cat([torch.full((6, 1), 7), torch.randint(8, 50, (6, 11), generator=g)], 1)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    content = mask.clone()
+    content[:, 0] = False
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+        rows = collect_rows(attn, model.model.rotary_emb, hidden, model.model.rotary_emb(hidden, positions), mask,
+                            1, content)
+        k = attn.k_proj(hidden[:1, :1]).view(1, 1, 2, d).transpose(1, 2)  # (1, n_kv, 1, d), position 0
+        v = attn.v_proj(hidden[:1, :1]).view(1, 1, 2, d).transpose(1, 2)
+        cos1, sin1 = model.model.rotary_emb(hidden[:1, :1], torch.ones(1, 1, dtype=torch.long))
+        pk, pv = rotate(k, cos1, sin1)[0], v[0]  # (n_kv, m=1, d)
+    dk, dv, u, stats = fit_layer([rows], pk, pv, attn.scaling)
+    want = torch.zeros(2, d, dtype=torch.float64)
+    want[:, d // 2 - 1] = math.log(2) / (attn.scaling * c)
+    torch.testing.assert_close(dk.view(2, d), want, atol=1e-4, rtol=0)
+    assert dv.abs().max() < 1e-5
+    assert max(stats[f"head{h}"]["key_fit_residual"] for h in range(2)) < 1e-4
 
 
 def test_sink_direction_annihilates_content_in_the_calibration_span():
