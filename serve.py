@@ -1,11 +1,13 @@
-"""Classify inputs with several adapters on one base model, a mixed batch per forward pass (feta/serving.py).
+"""Serve several adapters on one base model, a mixed batch per forward pass (feta/serving.py): classify
+inputs, or continue them for a generation task (E2E), each row through its own adapter.
 
     python serve.py adapters.lora=multirun/<date>/<time>/1 adapters.compiled=multirun/<date>/<time>/0/compiled-r4 val=64
     python serve.py adapters.lora=<run> adapters.compiled=<run>/compiled-r4 input=rows.tsv   # adapter<TAB>text lines
 
 Each adapters.NAME=DIR loads a LoRA run or a compiled prefix under NAME; `__base__` names the base model.
-val=N classifies the first N validation inputs of the adapters' task, the adapters taking turns row by
-row, and prints each adapter's accuracy. Output: one JSON line per row (adapter, input, class, scores).
+val=N serves the first N validation inputs of the adapters' task, the adapters taking turns row by
+row, and prints each adapter's accuracy (generation: BLEU against all references of its inputs).
+Output: one JSON line per row (adapter, input, class and scores; or output).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from feta.data import read_splits
+from feta.metrics import generation_metrics
 from feta.serving import BASE, AdapterServer, ServeConfig, read_rows
 from feta.tracking import cli, run_main
 
@@ -24,28 +27,40 @@ from feta.tracking import cli, run_main
 def serve(cfg: DictConfig) -> list[dict]:
     settings: ServeConfig = OmegaConf.to_object(cfg)
     server = AdapterServer.from_runs(dict(settings.adapters))
-    labels = None
+    task, truth = server.task, None
     if settings.val is not None:
-        task = server.task
-        rows = read_splits(task.spec, task.columns, task.allowed)["validation"][: settings.val]
+        rows = read_splits(task.spec, task.columns, task.allowed)["validation"]
+        if server.generates:  # one row per distinct input, scored against all of its references
+            references = task.references(rows)
+            rows = task.unique_inputs(rows)
+        rows = rows[: settings.val]
         rotation = server.adapters + ([BASE] if settings.base else [])
         texts = [{c: ex[c] for c in task.spec.prompt_fields} for ex in rows]
         names = [rotation[i % len(rotation)] for i in range(len(rows))]
-        labels = [task.label(ex) for ex in rows]
+        truth = [references[task.prompt(ex)] if server.generates else task.label(ex) for ex in rows]
     else:
         names, texts = read_rows(settings.input)
     out = []
     for i in range(0, len(texts), settings.batch_size):
-        scores = server.classify(texts[i: i + settings.batch_size], names[i: i + settings.batch_size])
-        for j, row in enumerate(scores.tolist()):
-            k = max(range(len(row)), key=row.__getitem__)
-            rec = {"adapter": names[i + j], "input": texts[i + j], "class": server.task.classes[k], "scores": row}
+        batch, batch_names = texts[i: i + settings.batch_size], names[i: i + settings.batch_size]
+        if server.generates:
+            recs = [{"output": o} for o in server.generate(batch, batch_names)]
+        else:
+            recs = [{"class": task.classes[max(range(len(row)), key=row.__getitem__)], "scores": row}
+                    for row in server.classify(batch, batch_names).tolist()]
+        for j, rec in enumerate(recs):
+            rec = {"adapter": batch_names[j], "input": batch[j], **rec}
             out.append(rec)
             print(json.dumps(rec))
-    if labels is not None:
+    if truth is not None:
         for name in dict.fromkeys(names):
-            hits = [server.task.classes.index(r["class"]) == y for r, y in zip(out, labels) if r["adapter"] == name]
-            print(f"# {name}: accuracy {sum(hits) / len(hits):.3f} on {len(hits)} inputs", file=sys.stderr)
+            mine = [(r, t) for r, t in zip(out, truth) if r["adapter"] == name]
+            if server.generates:
+                bleu = generation_metrics([r["output"] for r, _ in mine], [t for _, t in mine])["bleu"]
+                print(f"# {name}: BLEU {bleu:.1f} on {len(mine)} inputs", file=sys.stderr)
+            else:
+                hits = [task.classes.index(r["class"]) == t for r, t in mine]
+                print(f"# {name}: accuracy {sum(hits) / len(hits):.3f} on {len(hits)} inputs", file=sys.stderr)
     return out
 
 

@@ -99,8 +99,10 @@ class CachedLM:
     go through their PEFT forward everywhere.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, **forward_kwargs: Any) -> None:
         self.model = model
+        # e.g. PEFT's adapter_names: one LoRA per row (mixed-batch serving), on every forward.
+        self.forward_kwargs = forward_kwargs
         self.lm = inner_model(model)
         self.virtual = virtual_tokens(model)
         self.stepper = self.lm if self.virtual else model
@@ -114,7 +116,7 @@ class CachedLM:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = positions_of(attention_mask)
-        kwargs = {"use_cache": True, "logits_to_keep": 1}
+        kwargs = {"use_cache": True, "logits_to_keep": 1, **self.forward_kwargs}
         if self.virtual and not _is_prefix(self.model):
             m = self.virtual
             prompts = self.model.get_prompt(batch_size=batch)
@@ -139,7 +141,7 @@ class CachedLM:
         `attention_mask` covers the whole cache plus the new token; None (with no position ids) means
         no padding anywhere, and positions continue from the cache length."""
         kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
-        out = self.stepper(input_ids=tokens, use_cache=True, **{self.cache_kwarg: cache},
+        out = self.stepper(input_ids=tokens, use_cache=True, **{self.cache_kwarg: cache}, **self.forward_kwargs,
                            **{k: v for k, v in kwargs.items() if v is not None})
         return out.logits[:, -1]
 
@@ -158,11 +160,13 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  max_new_tokens: int, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+                  max_new_tokens: int, eos_token_id: int | None, pad_token_id: int, **forward_kwargs: Any
+                  ) -> torch.Tensor:
     """(B, max_new_tokens) greedy continuations of the prompts `input_ids` (B, L), padded with
     `pad_token_id` after each row's EOS (the EOS itself kept). Stops once every row has produced EOS.
 
     `attention_mask` marks real tokens (1); rows may be left- or right-padded. Runs in eval mode.
+    `forward_kwargs` go to every forward, e.g. PEFT's `adapter_names` (one LoRA per row).
     """
     check_positive("data.max_new_tokens", max_new_tokens)
     ids, mask = left_align(input_ids, attention_mask)
@@ -170,7 +174,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     if bool((lengths == 0).any()):
         raise ValueError("a prompt has no tokens; greedy decoding needs at least one to condition on")
     check_room(model, ids.size(1), max_new_tokens)
-    lm = CachedLM(model)
+    lm = CachedLM(model, **forward_kwargs)
     batch = ids.size(0)
     out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
@@ -199,13 +203,14 @@ def _continuation(tokenizer, ids: list[int], eos_token_id: int | None) -> str:
 
 
 def decode_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                 max_length: int) -> list[str]:
+                 max_length: int, adapter_names: list[str] | None = None) -> list[str]:
     """Greedy continuation text of each prompt (EOS and padding removed, surrounding spaces stripped),
     in the prompts' order.
 
     Prompts are tokenized as in training (with the tokenizer's special tokens) and keep their last
     `max_length` tokens: the end of a prompt is where its template asks for the answer. Batches group
-    prompts of similar length, so little compute goes to padding.
+    prompts of similar length, so little compute goes to padding. `adapter_names` (one per prompt) runs
+    each row through its own LoRA of a PEFT model holding several (mixed-batch serving).
     """
     check_positive("data.eval_batch_size", batch_size)
     encoded = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
@@ -223,7 +228,8 @@ def decode_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
             if encoded[i]:
                 ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[r, width - len(encoded[i]):] = 1
-        generated = greedy_decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, pad)
+        per_row = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in rows]}
+        generated = greedy_decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, pad, **per_row)
         for r, i in enumerate(rows):
             texts[i] = _continuation(tokenizer, generated[r].tolist(), eos)
     return texts

@@ -1,5 +1,8 @@
 """Serve many adapters from one base model: a mixed batch, one forward pass, each row names its adapter.
 
+A classification task's rows are scored in one forward pass; a generation task's rows decode together,
+one forward pass per new token, each row through its own adapter.
+
 A weight adaptation (a LoRA run, or a prefix compiled into LoRA by compile.py) adds a low-rank term to
 shared linear layers, so PEFT applies a different one to each row of a batch (`adapter_names`, its
 mixed-batch inference). A prefix (token adaptation) instead lengthens every attention by m key/value
@@ -8,6 +11,7 @@ pass. Compile the prefix first and serve its `compiled-r<r>/`.
 
     server = AdapterServer.from_runs({"lora": "multirun/.../1", "compiled": "multirun/.../0/compiled-r4"})
     scores = server.classify(["a gem", "a mess"], ["lora", "compiled"])   # (2, K), one forward pass
+    texts = server.generate([mr1, mr2], ["lora", "compiled"])           # a generation task's runs
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from peft import PeftModel
 
 from feta import runs
 from feta.compile.spec import CompileSpec
-from feta.data import ClassificationTask, TaskKind, make_task
+from feta.data import Task, TaskKind, make_task
+from feta.decoding import decode_texts
 from feta.errors import UserError, check_positive
 from feta.models import load_base_model
 from feta.scoring import class_log_probs
@@ -33,10 +38,11 @@ BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
 class AdapterServer:
-    """One base model holding several LoRA adapters by name; classifies a task's inputs with any of them.
-    An input is a text (templates with one column) or a dict of column -> text (pair templates)."""
+    """One base model holding several LoRA adapters by name; classifies a task's inputs, or continues them
+    for a generation task, with any of them. An input is a text (templates with one column) or a dict of
+    column -> text (pair templates)."""
 
-    def __init__(self, model: PeftModel, task: ClassificationTask) -> None:
+    def __init__(self, model: PeftModel, task: Task) -> None:
         self.model, self.task = model.eval(), task
         self.tokenizer = task.tokenizer
         kinds = {name: type(cfg).__name__ for name, cfg in model.peft_config.items()}
@@ -69,13 +75,12 @@ class AdapterServer:
         for name, run in resolved.items():  # one base model and one task format for all rows
             m, d, _ = runs.run_specs(run.cfg)
             for what, a, b in (("model", m, model_spec), ("data.prompt", d.prompt, data_spec.prompt),
+                               ("data.task", d.task, data_spec.task),
                                ("data.classes", list(d.classes), list(data_spec.classes)),
                                ("data.verbalizers", list(d.verbalizers), list(data_spec.verbalizers))):
                 if a != b:
                     raise UserError(f"adapters.{name}", f"differs from {first_name} in {what} ({b} vs {a})",
                                     "serve adapters of one base model and task together")
-        if data_spec.task is not TaskKind.classification:
-            raise UserError(f"adapters.{first_name}", "is a generation run", "serve.py classifies; serve classifiers")
         base, tokenizer = load_base_model(model_spec)
         model = None
         with warnings.catch_warnings():
@@ -105,6 +110,10 @@ class AdapterServer:
         prompts = [self.task.prompt(self.example(t)) for t in texts]
         return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.task.spec.max_length,
                               return_tensors="pt")
+
+    @property
+    def generates(self) -> bool:
+        return self.task.kind is TaskKind.generation
 
     def _scores(self, enc: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
         return class_log_probs(self.model, enc["input_ids"], enc["attention_mask"], self.task.verbalizer_ids,
@@ -138,11 +147,36 @@ class AdapterServer:
 
     def classify_sequential(self, sentences: Sequence[str], adapter_names: Sequence[str]) -> torch.Tensor:
         """What `classify` computes, as one forward pass per adapter over its own rows (the baseline)."""
-        names = self._check(sentences, adapter_names)
-        out = torch.empty(len(names), self.task.num_classes)
+        return torch.stack(self._one_adapter_at_a_time(self.classify_with, sentences, adapter_names))
+
+    @torch.no_grad()
+    def generate(self, texts: Sequence[str | dict[str, str]], adapter_names: Sequence[str]) -> list[str]:
+        """Greedy continuations (data.max_new_tokens at most); row i through `adapter_names[i]`, all rows
+        decoded together by feta's cached decoder."""
+        names = self._check(texts, adapter_names)
+        if set(names) == {BASE}:
+            with self.model.disable_adapter():
+                return self._decode(texts)
+        return self._decode(texts, names)
+
+    def generate_sequential(self, texts: Sequence[str | dict[str, str]], adapter_names: Sequence[str]) -> list[str]:
+        """What `generate` computes, one adapter at a time over its own rows (the baseline)."""
+        return self._one_adapter_at_a_time(lambda rows, name: self.generate(rows, [name] * len(rows)), texts,
+                                           adapter_names)
+
+    def _decode(self, texts: Sequence[str | dict[str, str]], names: list[str] | None = None) -> list[str]:
+        spec = self.task.spec
+        prompts = [self.task.prompt(self.example(t)) for t in texts]
+        return decode_texts(self.model, self.tokenizer, prompts, spec.max_new_tokens, len(prompts), spec.max_length,
+                            adapter_names=names)
+
+    def _one_adapter_at_a_time(self, run, rows: Sequence, adapter_names: Sequence[str]) -> list:
+        names = self._check(rows, adapter_names)
+        out: list = [None] * len(names)
         for name in dict.fromkeys(names):  # first-appearance order
-            rows = [i for i, n in enumerate(names) if n == name]
-            out[rows] = self.classify_with([sentences[i] for i in rows], name)
+            idx = [i for i, n in enumerate(names) if n == name]
+            for i, result in zip(idx, run([rows[i] for i in idx], name)):
+                out[i] = result
         return out
 
 
