@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -28,6 +29,16 @@ def tiny_train_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "run")
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of many tiny-model steps: with 2 threads on a shared 2-core
+    machine each step runs 10-50x slower. Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -37,13 +37,7 @@ POSITIVE = {"good", "bright", "warm"}
 N_PROMPTS = 240  # 48 held out (20%), 192 calibrate: ~1,500 tokens, several times the models' width of 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: with 2 threads on a shared 2-core machine each step runs ~15x slower than with one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ building adapters with plain peft

@@ -26,13 +26,7 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Thousands of tiny jvps: with 2 threads on a shared 2-core machine they run 10-50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base(arch: str, impl: str = "sdpa"):

@@ -38,6 +38,15 @@ def _run(root: Path, name: str, *overrides: str) -> Path:
     return root / name
 
 
+def _prefix_compiled(root: Path, data: list[str], model: str, steps: int, calib_size: int, eval_size: int) -> Path:
+    """A random-init prefix (m=4) trained as job 0 of `root`, then compiled with the default method."""
+    _run(root, "0", *data, f"model={model}", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
+         f"trainer.max_steps={steps}")
+    compile_prefix(compose_cfg("compile", [f"ckpt={root / '0'}", "~logger", f"calib_size={calib_size}",
+                                           f"eval_size={eval_size}"]))
+    return root
+
+
 @pytest.fixture(scope="module")
 def csv_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("csv")
@@ -45,10 +54,8 @@ def csv_sweep(tmp_path_factory):
             f"data.validation_file={_csv(root / 'val.csv', 30, offset=1)}", "data.prompt='Review: {text}\nMood:'",
             "data.classes=[neg,neu,pos]", "data.verbalizers=[' negative',' neutral',' very positive']",
             "data.val_limit=null", "data.train_limit=null"]
-    _run(root, "0", *data, "adapter.init=random", "adapter.m=4", "adapter.lr=0.05", "trainer.max_steps=8")
     _run(root, "1", *data, "adapter=lora", "adapter.lr=0.05", "trainer.max_steps=8")
-    compile_prefix(compose_cfg("compile", [f"ckpt={root / '0'}", "~logger", "calib_size=64", "eval_size=16"]))
-    return root
+    return _prefix_compiled(root, data, "gpt2_tiny", steps=8, calib_size=64, eval_size=16)
 
 
 def test_users_csv_trains_compiles_and_evaluates_three_classes(csv_sweep):
@@ -88,10 +95,7 @@ def pair_sweep(tmp_path_factory):
             f"data.validation_file={_pairs(root / 'val.jsonl', 20, offset=1)}",
             "data.prompt='{premise}\nQuestion: {hypothesis}?\nAnswer:'", "data.classes=[yes,no]",
             "data.verbalizers=[' yes',' no']", "data.val_limit=null", "data.train_limit=null"]
-    _run(root, "0", *data, "model=llama_tiny", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
-         "trainer.max_steps=6")
-    compile_prefix(compose_cfg("compile", [f"ckpt={root / '0'}", "~logger", "calib_size=48", "eval_size=16"]))
-    return root
+    return _prefix_compiled(root, data, "llama_tiny", steps=6, calib_size=48, eval_size=16)
 
 
 def test_pair_task_trains_compiles_and_evaluates_on_both_columns(pair_sweep):
@@ -112,10 +116,7 @@ def test_pair_task_trains_compiles_and_evaluates_on_both_columns(pair_sweep):
 def e2e_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = ["data=e2e", "data.train_limit=64", "data.val_limit=6", "data.max_new_tokens=5", "data.batch_size=8"]
-    _run(root, "0", *data, "model=llama_tiny", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
-         "trainer.max_steps=6")
-    compile_prefix(compose_cfg("compile", [f"ckpt={root / '0'}", "~logger", "calib_size=32", "eval_size=6"]))
-    return root
+    return _prefix_compiled(root, data, "llama_tiny", steps=6, calib_size=32, eval_size=6)
 
 
 def test_generation_trains_on_targets_compiles_and_scores_bleu(e2e_sweep):
