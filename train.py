@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
@@ -25,12 +26,24 @@ from feta.adapters import build_adapter, run_name, trainable_parameters
 from feta.checkpoints import AtomicCheckpointIO
 from feta.data import TaskDataModule, TaskKind
 from feta.devices import job_devices
+from feta.errors import UserError
 from feta.models import load_base_model
 from feta.schema import to_spec
 from feta.tracking import artifact_name, cli, log_artifact, make_logger, output_dir, run_main, sweep_group, task_wrapper
 from feta.training import ClassifierModule, GeneratorModule
 
 log = logging.getLogger("feta")
+
+
+def instantiate_callback(name: str, node: DictConfig) -> L.Callback:
+    """`callbacks.<name>` built; a refused setting inside it is the user's error, shown as one line."""
+    try:
+        return hydra.utils.instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, UserError):  # its `where` is the callback's own argument
+            raise UserError(f"callbacks.{name}.{cause.where}", cause.what, cause.fix) from None
+        raise
 
 
 @task_wrapper
@@ -53,6 +66,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log.info(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in peft_model.parameters()):,}")
     datamodule = TaskDataModule(data_spec, tokenizer, seed=cfg.seed)
     datamodule.setup()  # reads and checks the data files before any training
+    extra_callbacks = [instantiate_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items()]
     # Written once every setting and file is checked: a refused run leaves no config.yaml, which would
     # make the corrected command a "different config" for this output_dir.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,9 +83,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ckpt_dir = run_dir / runs.CHECKPOINTS
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps)
-    callbacks = [checkpoint] + [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, devices=job_devices(cfg), logger=logger or False,
-                                      callbacks=callbacks, default_root_dir=str(run_dir), enable_checkpointing=True,
+                                      callbacks=[checkpoint, *extra_callbacks], default_root_dir=str(run_dir), enable_checkpointing=True,
                                       plugins=[AtomicCheckpointIO()])
 
     start = time.perf_counter()
