@@ -493,6 +493,7 @@ def test_sink_key_is_exact_on_a_tiny_llama_whose_prefix_slot_is_a_second_sink():
     mask = torch.ones_like(ids, dtype=torch.bool)
     content = mask.clone()
     content[:, 0] = False
+    content[:, 5] = False  # a later sink: no query row, but the edit must leave its slot alone
     with torch.no_grad():
         hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
         positions = torch.arange(ids.shape[1])[None].expand_as(ids)
@@ -502,6 +503,8 @@ def test_sink_key_is_exact_on_a_tiny_llama_whose_prefix_slot_is_a_second_sink():
         v = attn.v_proj(hidden[:1, :1]).view(1, 1, 2, d).transpose(1, 2)
         cos1, sin1 = model.model.rotary_emb(hidden[:1, :1], torch.ones(1, 1, dtype=torch.long))
         pk, pv = rotate(k, cos1, sin1)[0], v[0]  # (n_kv, m=1, d)
+    assert torch.equal(rows["x_rest"], hidden[:, 1:].reshape(-1, D))  # u ≈ 0 on every later input, sinks too
+    assert rows["heads"][0]["q"].shape[0] == 2 * 6 * 10  # query rows: 2 heads per group x 6 sequences x 10
     dk, dv, u, stats = fit_layer([rows], pk, pv, attn.scaling)
     want = torch.zeros(2, d, dtype=torch.float64)
     want[:, d // 2 - 1] = math.log(2) / (attn.scaling * c)

@@ -69,6 +69,6 @@ def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int) ->
     rest = [prompts[i] for i in order[n_held:]]
     calib = seeded_subset(rest, spec.calib_size, 1000 + seed + spec.calib_seed)
     record = {"prompts": len(prompts), "held_out": n_held, "calibration": len(calib)}
-    return Calibration(encode_prompts(tokenizer, calib, spec.calib_max_length),
+    return Calibration(encode_prompts(tokenizer, calib, spec.calib_max_length or PROMPT_MAX_LENGTH),
                        encode_prompts(tokenizer, held_out, PROMPT_MAX_LENGTH), calib,
                        partial(encode_prompts, tokenizer, max_length=PROMPT_MAX_LENGTH), None, "prompts", record)

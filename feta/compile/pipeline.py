@@ -134,7 +134,8 @@ def _record(source: CompileSource, spec: CompileSpec, names: list[str], calibrat
         "bias": spec.bias,
         "target": spec.target,
         "target_modules": names,
-        "calibration": {"examples": int(calibration.fit["input_ids"].shape[0]), "max_length": spec.calib_max_length,
+        "calibration": {"examples": int(calibration.fit["input_ids"].shape[0]),
+                        "longest": int(calibration.fit["input_ids"].shape[1]),  # tokens, after calib_max_length
                         **calibration.record, **positions},
         "eval_examples": int(calibration.held_out["input_ids"].shape[0]),
         "residuals": residuals,

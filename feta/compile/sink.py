@@ -14,7 +14,9 @@ per layer and key/value head:
 - value: the sink value v_sink + δ_v, the least-squares compromise (weights mass²) of the
   prefix-weighted mix of {v_sink, v_p1…v_pm} over those queries;
 - edit: δ_k and δ_v become rank-1 LoRAs on k_proj and v_proj, ΔW = δ uᵀ, with u solving uᵀx_sink = 1
-  and uᵀx_t ≈ 0 on content inputs (ridge), so they act on the sink alone.
+  and uᵀx_t ≈ 0 on every later input (ridge), so they act on the first token's slot alone. "Every later
+  input" includes the later sinks that long inputs grow (AG News: ~1 per article): their states resemble
+  the first token's, and an edit left free on them would hand them the prefix's share of attention too.
 Layers are fitted from the bottom, each on the inputs the already edited layers produce (the barrier
 scheme of feta/compile/fit.py); the `o_proj` rank-r fit then runs on top, for what is left.
 The targets come from the prefix's keys and values as PEFT caches them, against the compiled model's own
@@ -70,10 +72,10 @@ def merged_key_value(q: Tensor, q_shift: Tensor, k_sink: Tensor, v_sink: Tensor,
     return delta_k, delta_v, stats
 
 
-def sink_direction(x_content: Tensor, x_sink: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """u (D,) with uᵀx_sink ≈ 1 for every sink input (rows of x_sink) and uᵀx ≈ 0 for content inputs:
-    the ridge solution of min ‖X_c u‖² + β‖X_s u − 1‖² + λ‖u‖² (β = SINK_WEIGHT · n_content / n_sink)."""
-    X_c, X_s = x_content.double(), x_sink.double()
+def sink_direction(x_rest: Tensor, x_sink: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """u (D,) with uᵀx_sink ≈ 1 for every first-token input (rows of x_sink) and uᵀx ≈ 0 for the rest:
+    the ridge solution of min ‖X_c u‖² + β‖X_s u − 1‖² + λ‖u‖² (β = SINK_WEIGHT · n_rest / n_sink)."""
+    X_c, X_s = x_rest.double(), x_sink.double()
     beta = SINK_WEIGHT * X_c.shape[0] / max(X_s.shape[0], 1)
     gram = X_c.T @ X_c + beta * X_s.T @ X_s
     lam = EDIT_RIDGE * gram.diagonal().mean()
@@ -91,8 +93,9 @@ def sink_direction(x_content: Tensor, x_sink: Tensor) -> tuple[Tensor, dict[str,
 def collect_rows(attn, rotary, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], mask: Tensor, m: int,
                  content: Tensor) -> dict[str, Any]:
     """This micro-batch's rows for layer `attn`: per key/value head, the queries (compiled and prefix
-    positions), the sink's key and value, the content logsumexp; and the inputs x at content and sink
-    positions. hidden: (B, T, D) the attention's input (after its norm); mask, content: (B, T) bool."""
+    positions), the sink's key and value, the content logsumexp; and the inputs x at the first position
+    and at every later real one. hidden: (B, T, D) the attention's input (after its norm); mask: (B, T)
+    bool, the real tokens; content: (B, T) bool, the query rows (real tokens that are not sinks)."""
     B, T, _ = hidden.shape
     d, n_kv = attn.head_dim, attn.config.num_key_value_heads
     group = attn.num_key_value_groups
@@ -118,7 +121,7 @@ def collect_rows(attn, rotary, hidden: Tensor, position_embeddings: tuple[Tensor
         v0 = v[:, g, 0][:, None, None].expand(B, group, T, d)
         rows[g] = {"q": q_rot[:, heads][sel], "q_shift": q_shift[:, heads][sel], "k_sink": k0[sel],
                    "v_sink": v0[sel], "lse": lse[sel]}
-    return {"heads": rows, "x_content": hidden[content], "x_sink": hidden[:, 0]}
+    return {"heads": rows, "x_rest": hidden[keys], "x_sink": hidden[:, 0]}
 
 
 def fit_layer(parts: list[dict[str, Any]], pk: Tensor, pv: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, dict]:
@@ -132,7 +135,7 @@ def fit_layer(parts: list[dict[str, Any]], pk: Tensor, pv: Tensor, scale: float)
         deltas_k.append(dk)
         deltas_v.append(dv)
         stats[f"head{g}"] = s
-    u, edit = sink_direction(torch.cat([p["x_content"] for p in parts]), torch.cat([p["x_sink"] for p in parts]))
+    u, edit = sink_direction(torch.cat([p["x_rest"] for p in parts]), torch.cat([p["x_sink"] for p in parts]))
     return torch.cat(deltas_k), torch.cat(deltas_v), u, {**edit, **stats}
 
 

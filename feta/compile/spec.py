@@ -85,7 +85,10 @@ class CompileSpec:
     ridge: float = field(default=1e-4, metadata={"help": "Ridge, relative to the mean eigenvalue of X^T X."})
     calib_size: int = field(default=512, metadata={"help": "Calibration examples (training split)."})
     calib_seed: int = field(default=0, metadata={"help": "Which seeded sample of calibration examples."})
-    calib_max_length: int = field(default=64, metadata={"help": "Truncate calibration sequences (tokens)."})
+    # null: calibration sequences are cut as evaluation cuts them, so their first token is the one evaluation
+    # sees there (method=sink edits the first token's slot).
+    calib_max_length: int | None = field(default=None, metadata={
+        "help": "Truncate calibration sequences (tokens); null = the task's data.max_length (prompt files: 128)."})
     eval_size: int = field(default=128, metadata={"help": "Held-out validation examples for the residuals."})
     distill_steps: int = field(default=100, metadata={"help": "Gradient steps for the distill methods."})
     distill_lr: float = field(default=3e-4, metadata={"help": "Learning rate for distillation."})
@@ -122,8 +125,9 @@ class CompileSpec:
                             "set rank >= 1")
         if self.bias and self.method is Method.distill:
             raise UserError("bias", "bias=true is a closed-form option", "use method=lstsq or lstsq+distill")
-        for key in ("calib_size", "calib_max_length", "eval_size", "distill_batch_size", "distill_steps"):
+        for key in ("calib_size", "eval_size", "distill_batch_size", "distill_steps"):
             check_positive(key, getattr(self, key))
+        check_positive("calib_max_length", self.calib_max_length, allow_none=True)
         for key in ("last_weight", "distill_lr"):
             check_positive(key, getattr(self, key), what="number")
         if self.ridge < 0:
