@@ -17,8 +17,8 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
@@ -84,8 +84,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps)
     trainer = hydra.utils.instantiate(cfg.trainer, devices=job_devices(cfg), logger=logger or False,
-                                      callbacks=[checkpoint, *extra_callbacks], default_root_dir=str(run_dir), enable_checkpointing=True,
-                                      plugins=[AtomicCheckpointIO()])
+                                      callbacks=[checkpoint, *extra_callbacks], default_root_dir=str(run_dir),
+                                      enable_checkpointing=True, plugins=[AtomicCheckpointIO()])
 
     start = time.perf_counter()
     # "last": the newest last*.ckpt in the checkpoint callback's dirpath, none on a fresh run (Lightning's

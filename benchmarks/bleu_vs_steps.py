@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from feta import runs
 from feta.callbacks import SCORES_FILE
-
-matplotlib.use("Agg")
+from feta.report.plots import save  # importing it selects the Agg backend
 
 
 def load(sweep: Path) -> pd.DataFrame:
@@ -56,8 +54,7 @@ def main() -> None:
     ax = sns.lineplot(df, x="step", y="bleu", hue="run", marker="o")
     ax.axhline(args.target, ls="--", c="grey")
     ax.set(xlabel="training step", ylabel=f"BLEU (0-100) on {df['inputs'].iloc[0]} validation inputs")
-    out = args.sweep / "bleu_vs_steps.png"
-    ax.figure.savefig(out, dpi=120, bbox_inches="tight")
+    out = save(ax.figure, args.sweep / "bleu_vs_steps.png")
     print(df.pivot_table(index="step", columns="run", values="bleu").round(1).to_markdown())
     for run, g in df.groupby("run"):
         steps = steps_to_reach(g, args.target)

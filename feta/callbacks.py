@@ -17,6 +17,10 @@ log = logging.getLogger("feta")
 SCORES_FILE = "generation_scores.csv"
 
 
+def _scores_path(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir) / SCORES_FILE
+
+
 class GenerationScores(L.Callback):
     """Greedy-decodes the first `limit` validation inputs every `every_n_steps` training steps (and
     before the first) and scores them (BLEU, ROUGE-L): the score against training steps, at the cost of
@@ -36,13 +40,13 @@ class GenerationScores(L.Callback):
             self._score(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        if trainer.global_step % self.every_n_steps == 0 or trainer.global_step == trainer.max_steps:
+        if trainer.global_step % self.every_n_steps == 0:
             self._score(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = Path(trainer.default_root_dir) / SCORES_FILE
+        path = _scores_path(trainer)
         if path.exists() and trainer.global_step not in set(pd.read_csv(path)["step"]):
-            self._score(trainer, pl_module)  # the last step of an epoch-bounded run
+            self._score(trainer, pl_module)  # the last step, when it is not a multiple of every_n_steps
 
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -55,7 +59,7 @@ class GenerationScores(L.Callback):
                                spec.eval_batch_size, spec.max_length)
         pl_module.model.train()
         row = {"step": trainer.global_step, "inputs": n, **generation_metrics(outputs, dm.references[:n])}
-        path = Path(trainer.default_root_dir) / SCORES_FILE
+        path = _scores_path(trainer)
         # Appended row by row, so a killed run keeps the points it reached; a resumed run adds the rest.
         pd.DataFrame([row]).to_csv(path, mode="a", header=not path.exists(), index=False)
         if trainer.logger is not None:

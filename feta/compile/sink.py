@@ -74,14 +74,14 @@ def merged_key_value(q: Tensor, q_shift: Tensor, k_sink: Tensor, v_sink: Tensor,
 
 def sink_direction(x_rest: Tensor, x_sink: Tensor) -> tuple[Tensor, dict[str, float]]:
     """u (D,) with uᵀx_sink ≈ 1 for every first-token input (rows of x_sink) and uᵀx ≈ 0 for the rest:
-    the ridge solution of min ‖X_c u‖² + β‖X_s u − 1‖² + λ‖u‖² (β = SINK_WEIGHT · n_rest / n_sink)."""
-    X_c, X_s = x_rest.double(), x_sink.double()
-    beta = SINK_WEIGHT * X_c.shape[0] / max(X_s.shape[0], 1)
-    gram = X_c.T @ X_c + beta * X_s.T @ X_s
+    the ridge solution of min ‖X_r u‖² + β‖X_s u − 1‖² + λ‖u‖² (β = SINK_WEIGHT · n_rest / n_sink)."""
+    X_r, X_s = x_rest.double(), x_sink.double()
+    beta = SINK_WEIGHT * X_r.shape[0] / max(X_s.shape[0], 1)
+    gram = X_r.T @ X_r + beta * X_s.T @ X_s
     lam = EDIT_RIDGE * gram.diagonal().mean()
     u = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), beta * X_s.sum(0))
     u = u / (X_s @ u).mean()  # exactly 1 on the mean sink input
-    leak = X_c @ u
+    leak = X_r @ u
     return u, {"leak_rms": float(leak.pow(2).mean().sqrt()), "leak_max": float(leak.abs().max()),
                "sink_gain_min": float((X_s @ u).min())}
 
