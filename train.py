@@ -72,10 +72,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / runs.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     task = datamodule.task
+    optim = dict(lr=adapter_spec.lr, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
     if task.kind is TaskKind.classification:
-        module = ClassifierModule(peft_model, task.verbalizer_ids, lr=adapter_spec.lr)
+        module = ClassifierModule(peft_model, task.verbalizer_ids, **optim)
     else:
-        module = GeneratorModule(peft_model, lr=adapter_spec.lr)
+        module = GeneratorModule(peft_model, **optim)
 
     name = run_name(adapter_spec)
     group = sweep_group(cfg, run_dir)

@@ -159,16 +159,18 @@ def adapter_dir(run_dir: str | Path) -> Path:
 
 
 def check_same_config(run_dir: str | Path, cfg: DictConfig) -> None:
-    """Refuse to resume a run directory that was made with another model, adapter or data."""
+    """Refuse to resume a run directory that was made with another model, adapter, data, seed or LR schedule."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         return
     old = OmegaConf.load(path)
     new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in ("model", "adapter", "data", "seed"):
-        if OmegaConf.select(old, key) != OmegaConf.select(new, key):
-            raise UserError(f"output_dir={run_dir}", f"holds a run with a different '{key}' "
-                            f"({OmegaConf.select(old, key)} vs {OmegaConf.select(new, key)})",
+    # A config.yaml without the schedule keys trained with their defaults.
+    for key, default in (("model", None), ("adapter", None), ("data", None), ("seed", None),
+                         ("lr_schedule", "constant"), ("warmup_steps", 0)):
+        was, is_ = OmegaConf.select(old, key, default=default), OmegaConf.select(new, key, default=default)
+        if was != is_:
+            raise UserError(f"output_dir={run_dir}", f"holds a run with a different '{key}' ({was} vs {is_})",
                             "resume with the same settings or pick another output_dir")
 
 

@@ -45,6 +45,9 @@ def to_spec(cfg: DictConfig, key: str, spec_cls: type | None = None):
 # (run by OmegaConf.to_object on the task function's first line).
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class TrainConfig:
     """Schema of `conf/train.yaml`'s own keys; model, data, adapter and trainer have their own schemas."""
@@ -59,9 +62,14 @@ class TrainConfig:
     skip_finished: bool = field(default=True, metadata={"help": "A job with a complete metrics.json is not rerun."})
     checkpoint_every_n_steps: int = field(default=50, metadata={"help": "Refresh checkpoints/last.ckpt this often."})
     callbacks: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra Lightning callbacks by name."})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant, or linear / cosine decay to 0 at the last step."})
+    warmup_steps: int = field(default=0, metadata={"help": "Steps of linear warmup from 0 to adapter.lr."})
 
     def __post_init__(self) -> None:
         check_positive("checkpoint_every_n_steps", self.checkpoint_every_n_steps)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.warmup_steps < 0:
+            raise UserError("warmup_steps", f"must be >= 0, got {self.warmup_steps}", "set warmup_steps to 0 or more")
         if self.output_dir is not None:
             check_output_dir("output_dir", Path(self.output_dir))
 

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from transformers import get_scheduler
 
 from feta.metrics import classification_metrics
 from feta.scoring import class_log_probs, scored_logits
@@ -31,9 +32,11 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 class AdapterModule(L.LightningModule):
-    """What both tasks share: the optimizer over trainable tensors, slim checkpoints, the train mode."""
+    """What both tasks share: the optimizer over trainable tensors and its LR schedule, slim checkpoints,
+    the train mode."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> None:
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", warmup_steps: int = 0) -> None:
         super().__init__()
         self.model = model
         # Checkpoints keep only trainable tensors (0.7 MB instead of a 515 MB frozen SmolLM2),
@@ -61,7 +64,17 @@ class AdapterModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        schedule, warmup = self.hparams.lr_schedule, self.hparams.warmup_steps
+        if schedule == "constant" and warmup == 0:
+            return optimizer
+        if schedule == "constant":
+            schedule = "constant_with_warmup"
+        # Lightning saves and restores the scheduler's step with the checkpoint, so a resumed run
+        # continues the same curve; the total counts max_steps or the epochs' batches.
+        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -79,8 +92,8 @@ class ClassifierModule(AdapterModule):
     """K-class classification: cross-entropy over the classes' verbalizer log-probabilities."""
 
     def __init__(self, model: torch.nn.Module, verbalizer_ids: list[list[int]], lr: float,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(model, lr, weight_decay)
+                 weight_decay: float = 0.0, lr_schedule: str = "constant", warmup_steps: int = 0) -> None:
+        super().__init__(model, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters(ignore=["model"])
         self.val_metrics = classification_metrics(len(verbalizer_ids))
 
@@ -112,8 +125,9 @@ class ClassifierModule(AdapterModule):
 class GeneratorModule(AdapterModule):
     """Generation: cross-entropy on the target tokens only (the prompt's positions carry no label)."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> None:
-        super().__init__(model, lr, weight_decay)
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", warmup_steps: int = 0) -> None:
+        super().__init__(model, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters(ignore=["model"])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

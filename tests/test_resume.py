@@ -27,8 +27,9 @@ from tests.helpers.callbacks import recorded_batches
 
 TOLERANCE = 1e-6  # measured: 0.0 (the resumed run repeats the same float operations)
 # gpt2_tiny at batch 8 on 64 sentences: 8 steps per epoch, so 12 steps cross an epoch boundary.
+# A decaying LR: a resumed run must continue the schedule, not restart it.
 FAST = ["debug=fast", "adapter=lora", "~logger", "trainer.max_epochs=2", "trainer.max_steps=12",
-        "checkpoint_every_n_steps=1",
+        "checkpoint_every_n_steps=1", "lr_schedule=linear", "warmup_steps=2",
         # 2 s before step 9: the test sees checkpoint 8 and kills the run before step 9 ends.
         "+callbacks.slow._target_=tests.helpers.callbacks.SlowSteps", "+callbacks.slow.seconds=2",
         "+callbacks.slow.steps=[9]"]
@@ -130,6 +131,16 @@ def test_resumed_run_sees_the_uninterrupted_batches(killed_once):
     assert [s for s in reference if reference[s] != resumed[s]] == []
     # The two epochs are two different orders of the same 64 sentences.
     assert reference[1] != reference[9]
+
+
+def test_resumed_run_continues_the_lr_schedule(killed_once):
+    root = killed_once["root"]
+    reference = recorded_batches(root / "reference-batches.jsonl", field="lr")
+    resumed = recorded_batches(root / "killed-batches.jsonl", field="lr")
+    # Step k runs after k-1 scheduler steps: warmup s/2, then linear decay (12-s)/10, times adapter.lr 1e-3.
+    expected = [1e-3 * (s / 2 if s < 2 else (12 - s) / 10) for s in range(12)]
+    assert [reference[k] for k in range(1, 13)] == pytest.approx(expected, rel=1e-12)
+    assert [resumed[k] for k in range(1, 13)] == [reference[k] for k in range(1, 13)]
 
 
 def test_checkpoint_holds_the_loader_position(killed_once):

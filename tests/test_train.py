@@ -17,6 +17,7 @@ from feta.models import load_base_model
 from feta.scoring import class_log_probs
 from feta.schema import to_spec
 from tests.conftest import ROOT, tiny_train_cfg
+from tests.helpers.callbacks import recorded_batches
 from train import train
 
 
@@ -105,6 +106,26 @@ def test_resume_refuses_a_different_config(tmp_path):
     other = tiny_train_cfg(tmp_path, "adapter.m=8", "skip_finished=false")
     with pytest.raises(ValueError, match=r"different 'adapter'"):
         train(other)
+
+
+def test_resume_refuses_a_different_lr_schedule(tmp_path):
+    train(tiny_train_cfg(tmp_path))
+    other = tiny_train_cfg(tmp_path, "lr_schedule=cosine", "skip_finished=false")
+    with pytest.raises(ValueError, match=r"different 'lr_schedule' \(constant vs cosine\)"):
+        train(other)
+
+
+def test_cosine_schedule_sets_each_steps_lr(tmp_path):
+    record = tmp_path / "steps.jsonl"
+    cfg = tiny_train_cfg(tmp_path, "lr_schedule=cosine", "adapter.lr=0.01",
+                         "+callbacks.record._target_=tests.helpers.callbacks.RecordBatches",
+                         f"+callbacks.record.path={record}")
+    metrics, _ = train(cfg)
+    lrs = recorded_batches(record, field="lr")
+    n = metrics["global_step"]
+    assert n == 4
+    # Half a cosine from 0.01 to 0 over the 4 steps, by hand: 0.01 * (1 + cos(pi * s / 4)) / 2.
+    assert [lrs[k] for k in range(1, n + 1)] == pytest.approx([0.01, 0.0085355339, 0.005, 0.0014644661], rel=1e-8)
 
 
 def test_two_job_multirun_writes_two_runs_in_one_group(tmp_path):

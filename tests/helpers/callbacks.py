@@ -1,4 +1,5 @@
-"""Callbacks for resume tests: simulated failures, a slowed-down step, and a record of each step's batch."""
+"""Callbacks for resume tests: simulated failures, a slowed-down step, and a record of each step's batch
+and learning rate."""
 
 import json
 import time
@@ -31,7 +32,7 @@ class SlowSteps(L.Callback):
 
 
 class RecordBatches(L.Callback):
-    """Append each training step's input ids to a JSON-lines file, one line per step, flushed at once so
+    """Append each training step's input ids and learning rate to a JSON-lines file, one line per step, flushed at once so
     the lines survive a kill -9. A resumed run appends the steps it redoes again; the last line per step wins."""
 
     def __init__(self, path: str) -> None:
@@ -39,16 +40,16 @@ class RecordBatches(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         line = {"step": trainer.global_step + 1, "epoch": trainer.current_epoch,
-                "input_ids": batch["input_ids"].tolist()}
+                "lr": trainer.optimizers[0].param_groups[0]["lr"], "input_ids": batch["input_ids"].tolist()}
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
 
-def recorded_batches(path: str | Path) -> dict[int, list]:
-    """{step: input ids} from a RecordBatches file, the last record of each step."""
+def recorded_batches(path: str | Path, field: str = "input_ids") -> dict[int, list | float]:
+    """{step: input ids} (or another recorded field) from a RecordBatches file, the last record of each step."""
     steps = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            steps[row["step"]] = row["input_ids"]
+            steps[row["step"]] = row[field]
     return steps
