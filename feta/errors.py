@@ -106,6 +106,10 @@ def from_config_error(e: BaseException) -> UserError | None:
         return UserError(cause.full_key, _first_line(cause.msg or cause), f"correct the override {override}")
     # Hydra's own messages ("Could not delete from config. 'x' does not exist.") quote the key.
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or ["cannot be composed"]
-    key = re.search(r"'([^']+)'", lines[0])
+    key = re.search(r"'([^'\s]+)'", lines[0])  # no spaces: the apostrophe in "Hydra's" opens no key
+    if key and lines[0].startswith("Sweeping over Hydra's configuration"):
+        name = key.group(1).split("=", 1)[0]
+        return UserError(key.group(1), "sweeps a Hydra setting, which -m cannot do",
+                         f"quote the comma list as one value: \"{name}='a,b'\"")
     return UserError(key.group(1) if key else "overrides", lines[0].rstrip("."),
                      " ".join(lines[1:]) or "check the command-line overrides (--help lists them)")

@@ -103,6 +103,9 @@ CASES = [
          r"data\.val_limit: must be a positive int or null"),
     Case("train-ckpt-every-0", "train", (*TRAIN, "checkpoint_every_n_steps=0"),
          r"checkpoint_every_n_steps: must be a positive"),
+    Case("train-sweep-hydra-setting", "train", ("-m", *TRAIN, "hydra.sweeper.params.adapter=lora,prefix"),
+         r"hydra\.sweeper\.params\.adapter=lora,prefix: sweeps a Hydra setting, which -m cannot do; "
+         r"quote the comma list as one value: \"hydra\.sweeper\.params\.adapter='a,b'\""),
     Case("train-lr-schedule", "train", (*TRAIN, "lr_schedule=step"),
          r"lr_schedule: unknown choice 'step'; use one of constant, linear, cosine"),
     Case("train-warmup-neg", "train", (*TRAIN, "warmup_steps=-1"), r"warmup_steps: must be >= 0, got -1"),
