@@ -27,7 +27,7 @@ from feta.adapters import SPECS
 from feta.data import DataSpec
 from feta.errors import UserError
 from feta.models import ModelSpec
-from feta.schema import to_spec
+from feta.schema import TrainConfig, to_spec
 
 CONFIG = "config.yaml"
 ADAPTER = "adapter"
@@ -167,7 +167,7 @@ def check_same_config(run_dir: str | Path, cfg: DictConfig) -> None:
     new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     # A config.yaml without the schedule keys trained with their defaults.
     for key, default in (("model", None), ("adapter", None), ("data", None), ("seed", None),
-                         ("lr_schedule", "constant"), ("warmup_steps", 0)):
+                         ("lr_schedule", TrainConfig.lr_schedule), ("warmup_steps", TrainConfig.warmup_steps)):
         was, is_ = OmegaConf.select(old, key, default=default), OmegaConf.select(new, key, default=default)
         if was != is_:
             raise UserError(f"output_dir={run_dir}", f"holds a run with a different '{key}' ({was} vs {is_})",

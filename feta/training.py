@@ -67,7 +67,7 @@ class AdapterModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         schedule, warmup = self.hparams.lr_schedule, self.hparams.warmup_steps
         if schedule == "constant" and warmup == 0:
-            return optimizer
+            return optimizer  # no scheduler state, so checkpoints written without one resume as they were
         if schedule == "constant":
             schedule = "constant_with_warmup"
         # Lightning saves and restores the scheduler's step with the checkpoint, so a resumed run

@@ -32,8 +32,9 @@ class SlowSteps(L.Callback):
 
 
 class RecordBatches(L.Callback):
-    """Append each training step's input ids and learning rate to a JSON-lines file, one line per step, flushed at once so
-    the lines survive a kill -9. A resumed run appends the steps it redoes again; the last line per step wins."""
+    """Append each training step's input ids and learning rate to a JSON-lines file, one line per step,
+    flushed at once so the lines survive a kill -9. A resumed run appends the steps it redoes again; the
+    last line per step wins."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
