@@ -569,6 +569,41 @@ def test_sink_edit_moves_only_the_sink_and_merges(llama_prefix_run, tmp_path, mo
     assert rec["residual_last_mean"] < 1.0  # nearer the prefix than the base model is
 
 
+def test_a_window_of_layers_compiles_exactly_like_all_layers(llama_prefix_run, tmp_path, monkeypatch):
+    """stream_memory_gb caps the prefix model's activations the fit holds. Below one layer's worth, each
+    layer comes from its own forward pass; the compiled adapter must be the one-pass adapter, bit for bit."""
+    _sink_at_start(monkeypatch)
+    whole = compile_prefix(compile_cfg(llama_prefix_run, f"out_dir={tmp_path / 'whole'}"))
+    window = compile_prefix(compile_cfg(llama_prefix_run, "stream_memory_gb=1e-9", f"out_dir={tmp_path / 'window'}"))
+    n_layers = len(whole["residuals"]["last"])
+    assert n_layers >= 2
+    assert (whole["fit_stats"]["streams"]["layers_per_pass"], whole["fit_stats"]["streams"]["passes"]) == (n_layers, 1)
+    assert (window["fit_stats"]["streams"]["layers_per_pass"], window["fit_stats"]["streams"]["passes"]) == (1, n_layers)
+    a = load_file(str(tmp_path / "whole/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "window/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(float(a[k].abs().max()) > 0 for k in a if "o_proj.lora_B" in k)  # a real fit on every layer
+    assert window["residuals"] == whole["residuals"]
+
+
+def test_prefix_streams_hold_one_window_and_match_a_full_capture():
+    """PrefixStreams with room for one layer: each layer equals the full forward's, and asking for the
+    next layer replaces the window instead of adding to it."""
+    base, source, batch = _tiny_prefix_source()
+    parts = micro_batches(batch, 4)
+    full = [prefix_stream(source, b, "gpt2") for b in parts]
+    streams = fit_module.PrefixStreams(source, parts, "gpt2", max_bytes=1)
+    assert len(streams) == len(parts) and streams.layers_per_pass == 1
+    for i in range(2):
+        for j in range(len(parts)):
+            got, want = streams[j][i], full[j][i]
+            assert torch.equal(got.h_in, want.h_in) and torch.equal(got.attn, want.attn) and got.mlp is None
+        assert all(set(held) == {i} for held in streams._held)
+    assert streams.passes == 2
+    with pytest.raises(IndexError):
+        streams[len(parts)]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_sink_falls_back_without_a_sink_and_says_so(arch, llama_prefix_run, prefix_run, tmp_path):
     """method=sink is the default. A random tiny Llama parks no attention on its first token, and GPT-2's

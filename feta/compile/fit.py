@@ -18,7 +18,8 @@ fitted in ONE forward pass of the calibration set: a pre-hook on each target mod
 from the activations that arrive, writes it, and lets the forward continue through it. The set runs
 as length-sorted micro-batches (SST-2 sentences average ~17 tokens; one padded batch would compute
 ~4x as many positions), one thread each, that meet at every target module (a barrier): the fit sees
-all of their tokens at once, then every thread continues through the new weights.
+all of their tokens at once, then every thread continues through the new weights. The prefix model's
+activations come a window of layers at a time (PrefixStreams), within `stream_memory_gb`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -139,19 +141,89 @@ def _stream_hooks(base: torch.nn.Module, arch: str, record, at_module=None, name
             h.remove()
 
 
+class _WindowDone(Exception):
+    """Raised by a hook to end a forward once the layers it records are captured."""
+
+
 @torch.no_grad()
-def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, mlp: bool = False) -> dict[int, Stream]:
+def prefix_stream(prefix_model, batch: dict[str, Tensor], arch: str, mlp: bool = False,
+                  layers: range | None = None) -> dict[int, Stream]:
     """Per layer, the adapted model's Stream at the input's own positions (a soft prompt's virtual
     positions are cut off); the MLP output only with mlp=True (an MLP target needs it; the default
     o-only fit would hold a third copy of every activation for nothing). Works for any token
     adaptation: prefix (extra KV), soft prompt (extra input positions), gated prefix (an extra gated
-    attention term)."""
+    attention term). With `layers`, only those are kept, and the forward stops after the last of them."""
     parts: dict[int, dict[str, Tensor]] = {}
-    record = lambda i, key, x: parts.setdefault(i, {}).__setitem__(key, input_positions(x, batch["input_ids"]))  # noqa: E731
+
+    def record(i: int, key: str, x: Tensor) -> None:
+        if layers is not None and i >= layers.stop:
+            raise _WindowDone
+        if layers is None or i in layers:
+            parts.setdefault(i, {})[key] = input_positions(x, batch["input_ids"])
+
     with _stream_hooks(prefix_model.get_base_model(), arch, record, mlp=mlp):
-        prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        try:
+            prefix_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        except _WindowDone:
+            pass
     return {i: Stream(**p) for i, p in sorted(parts.items())}
 
+
+class PrefixStreams(Sequence):
+    """The adapted model's Streams of every micro-batch, held a window of layers at a time, so the fit's
+    memory is set by `max_bytes`, not by the calibration set × the depth: `streams[j][i]` is micro-batch
+    j's layer i. A request past the window replaces it with the next `layers_per_pass` layers, from a
+    new forward of every micro-batch that stops after them; the fit asks for layers in order (every
+    micro-batch meets at each module), so no layer is computed twice. The values do not depend on the
+    window: a forward is the same forward however early it stops."""
+
+    def __init__(self, prefix_model, batches: list[dict[str, Tensor]], arch: str, mlp: bool = False,
+                 max_bytes: float | None = None):
+        self.model, self.batches, self.arch, self.mlp = prefix_model, batches, arch, mlp
+        self.n_layers = len(_numbered_modules(prefix_model.get_base_model(), ATTENTION[arch], arch))
+        width = prefix_model.get_base_model().config.hidden_size
+        itemsize = next(prefix_model.parameters()).element_size()
+        self.bytes_per_layer = sum(b["input_ids"].numel() for b in batches) * width * itemsize * (3 if mlp else 2)
+        fit = self.n_layers if max_bytes is None else int(max_bytes // self.bytes_per_layer)
+        self.layers_per_pass = max(1, min(self.n_layers, fit))
+        self.passes = 0
+        self._held: list[dict[int, Stream]] = [{} for _ in batches]
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> Mapping[int, Stream]:
+        if not 0 <= j < len(self.batches):
+            raise IndexError(j)
+        return _BatchStreams(self, j)
+
+    def layer(self, j: int, i: int) -> Stream:
+        with self._lock:  # one thread computes a window while the others wait for it
+            if i not in self._held[j]:
+                self._held = [{} for _ in self.batches]  # freed before the next window is computed
+                window = range(i, min(i + self.layers_per_pass, self.n_layers))
+                self._held = [prefix_stream(self.model, b, self.arch, self.mlp, window) for b in self.batches]
+                self.passes += 1
+            return self._held[j][i]
+
+    def record(self) -> dict[str, Any]:
+        return {"layers_per_pass": self.layers_per_pass, "passes": self.passes,
+                "gb_per_layer": round(self.bytes_per_layer / 1e9, 3)}
+
+
+class _BatchStreams(Mapping):
+    def __init__(self, streams: PrefixStreams, j: int):
+        self.streams, self.j = streams, j
+
+    def __getitem__(self, i: int) -> Stream:
+        return self.streams.layer(self.j, i)
+
+    def __iter__(self):
+        return iter(range(self.streams.n_layers))
+
+    def __len__(self) -> int:
+        return self.streams.n_layers
 
 
 class SinkPlan(NamedTuple):
@@ -164,7 +236,7 @@ class SinkPlan(NamedTuple):
     content: list[Tensor]
 
 
-def fit_lstsq(lora_model, prefix: list[dict[int, Stream]], batches: list[dict[str, Tensor]],
+def fit_lstsq(lora_model, prefix: Sequence[Mapping[int, Stream]], batches: list[dict[str, Tensor]],
               weights: list[Tensor], arch: str, spec: CompileSpec, sinks: list[Tensor] | None = None,
               sink_plan: SinkPlan | None = None) -> dict[str, dict]:
     """Fit every target module's LoRA in one forward pass of the compiled model over all micro-batches

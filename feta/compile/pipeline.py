@@ -24,7 +24,7 @@ from feta.adapters import compiled_lora_config, load_adapter, merge_checked
 from feta.compile.calibration import Calibration, calibrate
 from feta.compile.distill import distill
 from feta.compile.faithfulness import next_token
-from feta.compile.fit import SinkPlan, fit_lstsq, prefix_stream, target_modules
+from feta.compile.fit import PrefixStreams, SinkPlan, fit_lstsq, target_modules
 from feta.compile.sink import prefix_key_values as sink_key_values
 from feta.compile.sink import supports as sink_supports
 from feta.compile.source import CompileSource, check_shapes
@@ -111,11 +111,12 @@ def _fit(base, prefix_model, calibration: Calibration, spec: CompileSpec, arch: 
     kv = [n for n in target_modules(base, arch, "k+v")] if plan is not None else []
     compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(spec.rank, names + kv, spec.bias, arch, kv)).eval()
     if spec.method is not Method.distill:
-        # method=sink with target=none fits no module from the streams: skip capturing them.
-        streams = ([prefix_stream(prefix_model, b, arch, mlp="mlp" in spec.module_kinds) for b in batches]
-                   if names else [{} for _ in batches])
+        # Streams are computed when the fit asks for them: method=sink with target=none asks for none.
+        streams = PrefixStreams(prefix_model, batches, arch, mlp="mlp" in spec.module_kinds,
+                                max_bytes=spec.stream_memory_gb * 1e9)
         weights, positions = fit_weights(batches, sinks, spec)
         stats["modules"] = fit_lstsq(compiled, streams, batches, weights, arch, spec, sinks, plan)
+        stats["streams"] = streams.record()
     if spec.method in (Method.distill, Method.lstsq_distill):
         stats["distill"] = distill(compiled, prefix_model, calibration, spec, seed)
     return compiled.eval(), stats, positions

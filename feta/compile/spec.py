@@ -89,6 +89,9 @@ class CompileSpec:
     # sees there (method=sink edits the first token's slot).
     calib_max_length: int | None = field(default=None, metadata={
         "help": "Truncate calibration sequences (tokens); null = the task's data.max_length (prompt files: 128)."})
+    stream_memory_gb: float = field(default=4.0, metadata={
+        "help": "Memory for the source model's activations during the fit (GB); a larger calibration set "
+                "is fitted in more passes, with the same result."})
     eval_size: int = field(default=128, metadata={"help": "Held-out validation examples for the residuals."})
     distill_steps: int = field(default=100, metadata={"help": "Gradient steps for the distill methods."})
     distill_lr: float = field(default=3e-4, metadata={"help": "Learning rate for distillation."})
@@ -128,7 +131,7 @@ class CompileSpec:
         for key in ("calib_size", "eval_size", "distill_batch_size", "distill_steps"):
             check_positive(key, getattr(self, key))
         check_positive("calib_max_length", self.calib_max_length, allow_none=True)
-        for key in ("last_weight", "distill_lr"):
+        for key in ("last_weight", "distill_lr", "stream_memory_gb"):
             check_positive(key, getattr(self, key), what="number")
         if self.ridge < 0:
             raise UserError("ridge", f"must be >= 0, got {self.ridge}", "e.g. ridge=1e-4")
