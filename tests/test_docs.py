@@ -97,3 +97,11 @@ def test_compile_method_names_exist_in_the_benchmark() -> None:
     assert len(names) >= 25, names
     missing = [n for n in names if f'"{n}":' not in script]
     assert not missing, f"docs/results/compile_methods.md names methods the benchmark lacks: {missing}"
+
+
+def test_shipped_files_carry_their_terms() -> None:
+    folders = sorted({p.parent for p in (ROOT / "feta" / "assets").rglob("*") if p.is_file()})
+    assert len(folders) >= 4, folders
+    missing = [str(f.relative_to(ROOT)) for f in folders if not {"LICENSE", "README.md"} <= {p.name for p in f.iterdir()}]
+    assert not missing, f"asset folders without a LICENSE and README.md: {missing}"
+    assert "MIT License" in (ROOT / "LICENSE").read_text(encoding="utf-8")
