@@ -13,6 +13,8 @@ from omegaconf import DictConfig, open_dict
 import feta.adapters  # noqa: F401  registers the schemas the YAML files extend
 import feta.data  # noqa: F401
 import feta.models  # noqa: F401
+from feta.compile import pipeline
+from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +31,41 @@ def tiny_train_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "run")
     return cfg
+
+
+def compile_cfg(ckpt: Path | str, *overrides: str) -> DictConfig:
+    """A compile config with small calibration and held-out sets, for the tiny runs below."""
+    return compose_cfg("compile", [f"ckpt={ckpt}", "logger=csv", "calib_size=64", "eval_size=32", *overrides])
+
+
+@pytest.fixture(scope="session")
+def prefix_run(tmp_path_factory) -> Path:
+    """A random-init prefix (m=8) trained 8 steps on gpt2_tiny; tests compile from it, never into it."""
+    cfg = tiny_train_cfg(tmp_path_factory.mktemp("prefix"), "adapter.init=random", "adapter.m=8", "trainer.max_steps=8",
+                         "data.train_limit=256")
+    train(cfg)
+    return Path(cfg.output_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_prefix_run(tmp_path_factory) -> Path:
+    """The same on llama_tiny: rotary positions, no biases, grouped k/v heads."""
+    cfg = tiny_train_cfg(tmp_path_factory.mktemp("llama"), "model=llama_tiny", "adapter.init=random", "adapter.m=8",
+                         "trainer.max_steps=4")
+    train(cfg)
+    return Path(cfg.output_dir)
+
+
+@pytest.fixture
+def first_token_sink(monkeypatch):
+    """A random tiny Llama has no massive-activation token; mark each sequence's first token as its sink,
+    as SmolLM2's is, so method=sink runs its own path instead of falling back."""
+    def first_token(base_model, batch, ratio):
+        sinks = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        sinks[:, 0] = True
+        return sinks
+
+    monkeypatch.setattr(pipeline, "find_sinks", first_token)
 
 
 @pytest.fixture(scope="module")
