@@ -1,4 +1,4 @@
-"""The FETA claims, tested so that each test can fail (tolerances from notes/claims.md).
+"""The FETA claims, tested so that each test can fail.
 
 Real-module tests run tiny random GPT-2 and Llama (GQA: 4 query heads on 2 key/value heads) in float64.
 Pure-math tests use random tensors with a known answer, always with N > d_head query positions (else
