@@ -38,22 +38,22 @@ def compile_cfg(ckpt: Path | str, *overrides: str) -> DictConfig:
     return compose_cfg("compile", [f"ckpt={ckpt}", "logger=csv", "calib_size=64", "eval_size=32", *overrides])
 
 
+def _trained_prefix(tmp_path_factory, name: str, *overrides: str) -> Path:
+    cfg = tiny_train_cfg(tmp_path_factory.mktemp(name), "adapter.init=random", "adapter.m=8", *overrides)
+    train(cfg)
+    return Path(cfg.output_dir)
+
+
 @pytest.fixture(scope="session")
 def prefix_run(tmp_path_factory) -> Path:
     """A random-init prefix (m=8) trained 8 steps on gpt2_tiny; tests compile from it, never into it."""
-    cfg = tiny_train_cfg(tmp_path_factory.mktemp("prefix"), "adapter.init=random", "adapter.m=8", "trainer.max_steps=8",
-                         "data.train_limit=256")
-    train(cfg)
-    return Path(cfg.output_dir)
+    return _trained_prefix(tmp_path_factory, "prefix", "trainer.max_steps=8", "data.train_limit=256")
 
 
 @pytest.fixture(scope="session")
 def llama_prefix_run(tmp_path_factory) -> Path:
     """The same on llama_tiny: rotary positions, no biases, grouped k/v heads."""
-    cfg = tiny_train_cfg(tmp_path_factory.mktemp("llama"), "model=llama_tiny", "adapter.init=random", "adapter.m=8",
-                         "trainer.max_steps=4")
-    train(cfg)
-    return Path(cfg.output_dir)
+    return _trained_prefix(tmp_path_factory, "llama", "model=llama_tiny", "trainer.max_steps=4")
 
 
 @pytest.fixture
