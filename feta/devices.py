@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 log = logging.getLogger("feta")
@@ -50,16 +53,11 @@ def job_devices(cfg: DictConfig) -> Any:
     if devices != 1 or cfg.trainer.get("accelerator") not in ("gpu", "cuda", "auto"):
         return devices
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hc = HydraConfig.get()
     except ValueError:  # not under Hydra (tests, notebooks)
         return devices
     if hc.mode != RunMode.MULTIRUN or "joblib" not in str(hc.launcher.get("_target_", "")):
         return devices
-    import torch
-
     n = torch.cuda.device_count()
     if n < 2:
         return devices

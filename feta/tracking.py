@@ -91,7 +91,7 @@ def use_artifact(logger, name: str | None, path: Path | None = None, type_: str 
 def finish_wandb() -> None:
     """Close the W&B run; under a multirun the next job would otherwise log into this one."""
     try:
-        import wandb
+        import wandb  # here: the csv and null loggers never pay for importing wandb
 
         if wandb.run is not None:
             wandb.finish()
