@@ -22,7 +22,7 @@ from feta.compile import compile_run, resolve_source
 from feta.compile.spec import CompileConfig, CompileSpec
 from feta.errors import UserError
 from feta.schema import to_spec
-from feta.tracking import cli, log_artifact, make_logger, run_main, task_wrapper, use_artifact
+from feta.tracking import cli, compiled_artifact_name, log_artifact, make_logger, run_main, task_wrapper, use_artifact
 
 log = logging.getLogger("feta")
 
@@ -56,8 +56,7 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
         logger.log_metrics({**{k: record[k] for k in ("residual_last_final", "residual_last_mean", "fit_time_s")},
                             **{f"next_token/{k}": v for k, v in record["next_token"].items()}})
         use_artifact(logger, metrics.get("artifact"), source.adapter_dir)  # a feta run's artifact only
-        log_artifact(logger, out / runs.ADAPTER, name=f"{metrics.get('artifact', 'adapter')}-{out.name}",
-                     type_="adapter")
+        log_artifact(logger, out / runs.ADAPTER, name=compiled_artifact_name(metrics.get("artifact", "adapter"), out))
     return record
 
 

@@ -24,7 +24,7 @@ from feta.interpolation import interpolate
 from feta.report import build_report, log_to_wandb
 from feta.schema import EvaluateConfig
 from feta.task_vector import task_vector_analysis
-from feta.tracking import cli, finish_wandb, make_logger, run_main, task_wrapper, use_artifact
+from feta.tracking import cli, compiled_artifact_name, finish_wandb, make_logger, run_main, task_wrapper, use_artifact
 
 log = logging.getLogger("feta")
 
@@ -41,7 +41,10 @@ def _wandb(cfg: DictConfig, log_dir: Path, job_type: str, name: str, run_dir: Pa
     logger = make_logger(cfg, log_dir, job_type=job_type, name=name, group=metrics.get("wandb_group"))
     if logger is None or type(logger).__name__ != "WandbLogger":
         return None
-    use_artifact(logger, metrics.get("artifact"), run.run_dir / runs.ADAPTER)  # lineage: train -> evaluate
+    artifact = metrics.get("artifact")
+    if artifact and run.source_dir is not None:
+        artifact = compiled_artifact_name(artifact, run.run_dir)  # the compiled adapter compile.py logged
+    use_artifact(logger, artifact, run.run_dir / runs.ADAPTER)  # lineage: train (-> compile) -> evaluate
     return logger
 
 

@@ -67,6 +67,11 @@ def artifact_name(model: str, run_name: str) -> str:
     return f"adapter-{model}-{run_name}"
 
 
+def compiled_artifact_name(source_artifact: str, compiled_dir: Path) -> str:
+    """The compiled adapter's artifact: its prefix's artifact name and the compiled directory's name."""
+    return f"{source_artifact}-{Path(compiled_dir).name}"
+
+
 def _artifact(path: Path, name: str, type_: str):
     import wandb  # W&B loads slowly; only a W&B logger needs it
 
@@ -82,10 +87,18 @@ def log_artifact(logger, path: Path, name: str, type_: str = "adapter") -> None:
 
 
 def use_artifact(logger, name: str | None, path: Path | None = None, type_: str = "adapter") -> None:
-    """Mark the artifact this run reads (train -> compile -> evaluate lineage). Offline runs cannot fetch
-    a logged artifact by name, so the input directory is declared as the same artifact, by content."""
-    if type(logger).__name__ == "WandbLogger" and name and path is not None and Path(path).is_dir():
-        logger.experiment.use_artifact(_artifact(Path(path), name, type_))
+    """Mark the artifact this run reads (train -> compile -> evaluate lineage), declared by the input
+    directory's content so no logged artifact has to be fetched by name.
+
+    W&B refuses `use_artifact` in an offline run, so there the run's config keeps the same lineage:
+    `input_artifact` (name) and `input_digest` (the content digest W&B gives the logged artifact)."""
+    if type(logger).__name__ != "WandbLogger" or not name or path is None or not Path(path).is_dir():
+        return
+    run, artifact = logger.experiment, _artifact(Path(path), name, type_)
+    if run.offline:
+        run.config.update({"input_artifact": name, "input_digest": artifact.digest}, allow_val_change=True)
+    else:
+        run.use_artifact(artifact)
 
 
 def finish_wandb() -> None:

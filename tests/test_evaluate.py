@@ -12,6 +12,7 @@ from omegaconf import open_dict
 
 from compile import compile_prefix
 from evaluate import evaluate
+from feta.tracking import finish_wandb
 from tests.conftest import compose_cfg, tiny_train_cfg
 from train import train
 
@@ -110,3 +111,31 @@ def test_equivalence_analysis_command_writes_json_and_figures(sweep):
 def test_equivalence_analysis_refuses_a_lora_run(sweep):
     with pytest.raises(ValueError, match=r"ckpt=.*: is a lora run; analysis=equivalence takes a prefix run"):
         evaluate(eval_cfg(sweep / "1", "analysis=equivalence"))
+
+
+def test_offline_wandb_runs_keep_the_lineage(sweep, tmp_path, monkeypatch):
+    """W&B refuses `use_artifact` offline; compile and evaluate still finish, and their runs' configs name
+    the adapter they read, by name and content digest."""
+    wandb = pytest.importorskip("wandb")
+    from wandb.sdk.wandb_config import Config  # only once importorskip found wandb
+
+    lineage = []  # an offline run's config lives in its binary log; record what reaches it instead
+    update = Config.update
+    monkeypatch.setattr(Config, "update", lambda self, d, *a, **k: (
+        lineage.append(dict(d)) if "input_artifact" in d else None, update(self, d, *a, **k))[1])
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    expected = wandb.Artifact(metrics["artifact"], type="adapter")
+    expected.add_dir(str(sweep / "0" / "adapter"))
+    out = tmp_path / "compiled"
+    compile_prefix(compose_cfg("compile", [f"ckpt={sweep / '0'}", "rank=2", f"out_dir={out}", "logger=wandb",
+                                           "logger.mode=offline", "calib_size=64", "eval_size=32"]))
+    finish_wandb()
+    evaluate(compose_cfg("evaluate", [f"ckpt={sweep / '0'}", "logger=wandb", "logger.mode=offline",
+                                      "latency.enabled=false"]))
+    assert (out / "compile.json").is_file() and list((out / "wandb").glob("offline-run-*"))
+    compiled = wandb.Artifact(f"{metrics['artifact']}-compiled-r4", type="adapter")
+    compiled.add_dir(str(sweep / "0" / "compiled-r4" / "adapter"))
+    assert lineage == [{"input_artifact": metrics["artifact"], "input_digest": expected.digest},  # compile
+                       {"input_artifact": metrics["artifact"], "input_digest": expected.digest},  # evaluate: prefix
+                       {"input_artifact": compiled.name, "input_digest": compiled.digest}]  # and its compiled-r4
+    assert expected.digest != compiled.digest
