@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -123,18 +124,19 @@ def test_offline_wandb_runs_keep_the_lineage(sweep, tmp_path, monkeypatch):
     update = Config.update
     monkeypatch.setattr(Config, "update", lambda self, d, *a, **k: (
         lineage.append(dict(d)) if "input_artifact" in d else None, update(self, d, *a, **k))[1])
-    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    run = tmp_path / "0"  # unevaluated: evaluate.py skips a run that has its eval.json
+    shutil.copytree(sweep / "0", run, ignore=shutil.ignore_patterns("eval.json", "outputs.jsonl", "wandb"))
+    metrics = json.loads((run / "metrics.json").read_text())
     expected = wandb.Artifact(metrics["artifact"], type="adapter")
-    expected.add_dir(str(sweep / "0" / "adapter"))
+    expected.add_dir(str(run / "adapter"))
     out = tmp_path / "compiled"
-    compile_prefix(compose_cfg("compile", [f"ckpt={sweep / '0'}", "rank=2", f"out_dir={out}", "logger=wandb",
+    compile_prefix(compose_cfg("compile", [f"ckpt={run}", "rank=2", f"out_dir={out}", "logger=wandb",
                                            "logger.mode=offline", "calib_size=64", "eval_size=32"]))
     finish_wandb()
-    evaluate(compose_cfg("evaluate", [f"ckpt={sweep / '0'}", "logger=wandb", "logger.mode=offline",
-                                      "latency.enabled=false"]))
+    evaluate(compose_cfg("evaluate", [f"ckpt={run}", "logger=wandb", "logger.mode=offline", "latency.enabled=false"]))
     assert (out / "compile.json").is_file() and list((out / "wandb").glob("offline-run-*"))
     compiled = wandb.Artifact(f"{metrics['artifact']}-compiled-r4", type="adapter")
-    compiled.add_dir(str(sweep / "0" / "compiled-r4" / "adapter"))
+    compiled.add_dir(str(run / "compiled-r4" / "adapter"))
     assert lineage == [{"input_artifact": metrics["artifact"], "input_digest": expected.digest},  # compile
                        {"input_artifact": metrics["artifact"], "input_digest": expected.digest},  # evaluate: prefix
                        {"input_artifact": compiled.name, "input_digest": compiled.digest}]  # and its compiled-r4
