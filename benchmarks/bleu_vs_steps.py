@@ -7,8 +7,9 @@
     python benchmarks/bleu_vs_steps.py multirun/e2e_prefix_full/0 multirun/e2e_lora2/0 --out curves.png
 
 Reads each run's generation_scores.csv (each path a run or a sweep of runs), plots BLEU against steps
-(seaborn) into --out (default <first path>/bleu_vs_steps.png), and prints, per run, the steps at which a straight line in log(steps) through its scored points
-would reach --target: an extrapolation from the measured points, not a measurement.
+(seaborn) into --out (default <first path>/bleu_vs_steps.png), and prints, per run, the steps at which
+a straight line in log(steps) through its scored points would reach --target: an extrapolation from
+the measured points, not a measurement.
 """
 
 from __future__ import annotations
