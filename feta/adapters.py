@@ -363,17 +363,20 @@ def merged_copy(peft_model):
     safe_merge=True: PEFT's plain merge can change layer 0 before it raises on a later layer, and a
     retry then counts it twice; safe_merge checks the merged weights before touching the model.
     """
-    model = copy.deepcopy(peft_model)
-    if getattr(model.peft_config[model.active_adapter], "lora_bias", False):  # IA3 has none
-        _give_biases(model.get_base_model())
-    return model.merge_and_unload(safe_merge=True).eval()
+    return _merge(copy.deepcopy(peft_model))
+
+
+def _merge(peft_model):
+    """The LoRA (or IA3) of `peft_model` folded into its own base model, which is returned."""
+    if getattr(peft_model.peft_config[peft_model.active_adapter], "lora_bias", False):  # IA3 has none
+        _give_biases(peft_model.get_base_model())
+    return peft_model.merge_and_unload(safe_merge=True).eval()
 
 
 @torch.no_grad()
-def merge_checked(base_model, adapter_path, dtype: str, check_inputs: dict) -> tuple[torch.nn.Module, float]:
-    """Merge a saved LoRA into `base_model` in `dtype`; returns the merged model and the max abs
-    difference between merged and unmerged logits on `check_inputs` (measured in float32)."""
-    peft_model = load_adapter(base_model, adapter_path).eval()
+def merge_in_place(peft_model, dtype: str, check_inputs: dict) -> tuple[torch.nn.Module, float]:
+    """Merge a LoRA PeftModel into its own base model, in `dtype`, without a copy; returns the merged model
+    and the max abs difference between its logits and the unmerged ones on `check_inputs` (float32)."""
     unmerged = peft_model(**check_inputs).logits.float()
-    merged = merged_copy(peft_model.to(getattr(torch, dtype)))
+    merged = _merge(peft_model).to(getattr(torch, dtype))
     return merged, float((merged(**check_inputs).logits.float() - unmerged).abs().max())

@@ -204,15 +204,17 @@ def max_positions(config) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def load_base_model(spec: ModelSpec):
-    """A fresh (model, tokenizer) pair. Loaded once per process: the jobs of a multirun share the load
-    and each gets its own deep copy, since PEFT edits a model in place.
+def load_base_model(spec: ModelSpec, keep: bool = True):
+    """A fresh (model, tokenizer) pair. With `keep`, loaded once per process: the jobs of a multirun share
+    the load and each gets its own deep copy, since PEFT edits a model in place. Without it, the model is
+    loaded for the caller alone and no copy stays behind (the compile holds exactly one model).
 
     The tokenizer pads on the right (EOS as the pad token where it has none): every batch in feta is
     right-padded, and the scored positions are read from each row's real length."""
-    model, tokenizer = _load(OmegaConf.to_yaml(OmegaConf.structured(spec)))
+    key = OmegaConf.to_yaml(OmegaConf.structured(spec))
+    model, tokenizer = _load(key) if keep else _load.__wrapped__(key)
     tokenizer = copy.deepcopy(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    return copy.deepcopy(model), tokenizer
+    return (copy.deepcopy(model) if keep else model), tokenizer

@@ -1,25 +1,27 @@
-"""The closed-form fit on synthetic problems with known answers, and the prefix model's activations
-it reads a window of layers at a time."""
+"""The closed-form fit on problems with known answers, and the layer-by-layer pipeline that feeds it:
+statistics summed over micro-batches, one model seen three ways, each layer on the compiled model's own
+inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, get_peft_model
-from safetensors.torch import load_file
+from peft import AdaptionPromptConfig, LoraConfig, PrefixTuningConfig, get_peft_model
 
-from compile import compile_prefix
 from feta.adapters import compiled_lora_config
 from feta.compile import CompileSpec
-from feta.compile import fit as fit_module
-from feta.compile.fit import fit_lstsq, prefix_stream, reduced_rank_fit
+from feta.compile import sequential
+from feta.compile.fit import LstsqStats, reduced_rank_fit, target_modules
+from feta.compile.sequential import fit_sequential
 from feta.compile.tokens import detect_sinks, micro_batches
+from feta.compile.views import CompileModel, View
 from feta.data import last_real_token
 from feta.models import load_base_model
 from feta.schema import to_spec
-from tests.conftest import compile_cfg, compose_cfg
+from tests.conftest import compose_cfg
 
 
 def _low_rank_problem(n=400, d_in=32, d_out=24, r=3, seed=0):
@@ -54,6 +56,27 @@ def test_rank_truncation_is_monotone_and_exact_at_true_rank():
     assert errs[4] < 0.01 and abs(errs[5] - errs[4]) < 0.01  # rank 5 already explains all but noise
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_statistics_summed_over_chunks_give_the_one_batch_fit_and_its_residual(bias):
+    """LstsqStats: the fit and the (unweighted) residual from sums over chunks with mixed weights equal those
+    of all rows at once, here computed directly."""
+    X, W, b = _low_rank_problem(n=300)
+    g = torch.Generator().manual_seed(1)
+    T = X @ W.T + b + 0.5 * torch.randn(X.shape[0], W.shape[0], generator=g, dtype=torch.float64)
+    w = torch.ones(300, dtype=torch.float64)
+    w[200:] = 3.0  # weights other than 1 only in the last chunk: the unweighted sums start late
+    whole = LstsqStats()
+    whole.add(X, T, w)
+    chunked = LstsqStats()
+    for rows in torch.arange(300).split(70):
+        chunked.add(X[rows], T[rows], w[rows])
+    A1, B1, b1, r1 = whole.solve(2, 1e-4, bias)
+    A2, B2, b2, r2 = chunked.solve(2, 1e-4, bias)
+    torch.testing.assert_close(B2 @ A2, B1 @ A1, atol=1e-9, rtol=1e-9)
+    direct = (T - X @ (B1 @ A1).T - (b1 if bias else 0)).norm() / T.norm()
+    assert abs(r1 - float(direct)) < 1e-9 and abs(r2 - float(direct)) < 1e-9 and 0.05 < r1 < 1
+
+
 def test_planted_sink_is_detected_and_left_out():
     X, W, _ = _low_rank_problem(n=300, r=2)
     h = torch.randn(30, 10, X.shape[1], dtype=torch.float64)
@@ -74,123 +97,117 @@ def test_planted_sink_is_detected_and_left_out():
     assert (B @ A - W).abs().max() > 0.1
 
 
-def test_zero_effect_source_compiles_to_a_zero_lora():
-    """A source adapter with no effect gives all-zero targets: the fitted LoRA must be exactly zero.
-    (It fails if the captured streams are misaligned between the two passes.)"""
-    cfg = compose_cfg("train", ["model=gpt2_tiny"])
+# ------------------------------------------------------------------ the layer-by-layer fit
 
-    base, tok = load_base_model(to_spec(cfg, "model"))
-    source = get_peft_model(base, LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))  # B = 0: no effect
-    tok.pad_token = tok.eos_token
-    batch = dict(tok(["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"], return_tensors="pt", padding=True))
-    streams = prefix_stream(source, batch, "gpt2")
-    fresh, _ = load_base_model(to_spec(cfg, "model"))
-    compiled = get_peft_model(fresh, LoraConfig(r=2, lora_alpha=2, target_modules=r".*attn\.c_proj", fan_in_fan_out=True))
-    fit_lstsq(compiled, [streams], [batch], [batch["attention_mask"].double()], "gpt2", CompileSpec(rank=2, bias=False))
-    # Zero up to float32 roundoff of the captured streams (~1e-7 relative); a misaligned capture
-    # (wrong layer, shifted positions) gives a delta of the order of the weights themselves.
-    for layer in compiled.get_base_model().transformer.h:
-        proj = layer.attn.c_proj
-        delta = proj.lora_B["default"].weight @ proj.lora_A["default"].weight
-        assert delta.norm() < 1e-6 * proj.base_layer.weight.norm(), float(delta.norm())
+
+def _tiny(model: str = "gpt2_tiny"):
+    base, tok = load_base_model(to_spec(compose_cfg("train", [f"model={model}"]), "model"))
+    tok.pad_token, tok.padding_side = tok.eos_token, "right"
+    return base, tok
+
+
+def _batch(tok, texts: list[str]) -> dict[str, torch.Tensor]:
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    return {**batch, "scored": last_real_token(batch["attention_mask"])}
 
 
 def tiny_prefix_source():
-
-    base, tok = load_base_model(to_spec(compose_cfg("train", ["model=gpt2_tiny"]), "model"))
+    """gpt2_tiny, a random prefix (m=4) on a deep copy of it, and a right-padded batch of 10 prompts."""
+    base, tok = _tiny()
     torch.manual_seed(0)
     source = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-    tok.pad_token, tok.padding_side = tok.eos_token, "right"
-    texts = [f"Review: a {'very ' * k}good film\nSentiment:" for k in range(10)]
-    batch = dict(tok(texts, padding=True, return_tensors="pt"))
-    return base, source, {**batch, "scored": last_real_token(batch["attention_mask"])}
+    return base, source, _batch(tok, [f"Review: a {'very ' * k}good film\nSentiment:" for k in range(10)])
 
 
-@pytest.mark.parametrize("match", ["module", "stream"])
-def test_a_weight_space_source_is_recovered_on_the_modules_it_changed(match):
-    """Known answer: a source that IS a rank-2 LoRA on the attention and MLP output projections. The
-    closed form with target=o+mlp must recover both updates (so the compiled model equals the
-    source); target=o alone cannot reproduce the MLP's change."""
+def _saved(peft_model, tmp_path, name: str = "source"):
+    peft_model.save_pretrained(str(tmp_path / name))
+    return tmp_path / name
 
-    base, tok = load_base_model(to_spec(compose_cfg("train", ["model=gpt2_tiny"]), "model"))
-    names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
-    torch.manual_seed(0)
-    source = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=2, target_modules=names, fan_in_fan_out=True,
-                                                            init_lora_weights=False)).eval()
-    tok.pad_token, tok.padding_side = tok.eos_token, "right"
-    words = "good bad dull bright slow long short warm cold odd".split()
-    texts = [f"Review: a {a} and {b} film, {c} at times\nSentiment:" for a in words for b in words[:6] for c in words[6:8]]  # ~1,700 tokens > 256 = d_in
-    batches = micro_batches(dict(tok(texts, padding=True, return_tensors="pt")), 16)
-    streams = [prefix_stream(source, b, "gpt2", mlp=True) for b in batches]
-    weights = [b["attention_mask"].double() for b in batches]
 
-    def compiled_for(target):
-        compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(
-            2, [n for n in names if target == "o+mlp" or ".attn." in n], False, "gpt2")).eval()
-        fit_lstsq(compiled, streams, batches, weights, "gpt2", CompileSpec(rank=2, bias=False, target=target, match=match, ridge=0.0))
-        return compiled
+def _fit(cm: CompileModel, batches, spec: CompileSpec, arch: str, sinks=None) -> dict:
+    sinks = sinks or [torch.zeros_like(b["attention_mask"], dtype=torch.bool) for b in batches]
+    weights = [b["attention_mask"].double().masked_fill(s, 0.0) for b, s in zip(batches, sinks)]
+    return fit_sequential(cm, batches, weights, sinks, arch, spec, "cpu")
 
-    both, attn_only = compiled_for("o+mlp"), compiled_for("o")
+
+def _deltas(model, names) -> list[torch.Tensor]:
+    out = []
     for name in names:
-        src, fit = source.get_base_model().get_submodule(name), both.get_base_model().get_submodule(name)
-        delta = lambda m: m.lora_B["default"].weight @ m.lora_A["default"].weight  # noqa: E731
-        assert delta(src).norm() > 0.1
-        torch.testing.assert_close(delta(fit), delta(src), atol=1e-4, rtol=1e-4)
+        m = model.get_submodule(name)
+        out.append((m.lora_B["default"].weight @ m.lora_A["default"].weight).detach())
+    return out
+
+
+def _capture(model, name: str, batch, pre: bool) -> torch.Tensor:
+    """The input (pre) or output of module `name` in one forward of `model` (a PeftModel: through its adapter)."""
+    seen = []
+    module = getattr(model, "get_base_model", lambda: model)().get_submodule(name)
+    hook = (module.register_forward_pre_hook(lambda m, a: seen.append(a[0])) if pre else
+            module.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)))
     with torch.no_grad():
-        out = {k: m(**batches[0], output_hidden_states=True).hidden_states[-1]
-               for k, m in (("source", source), ("both", both), ("attn_only", attn_only), ("base", base))}
-    rel = lambda k: float((out[k] - out["source"]).norm() / (out["source"] - out["base"]).norm())  # noqa: E731
-    assert rel("both") < 1e-4 and rel("attn_only") > 0.05, (rel("both"), rel("attn_only"))
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hook.remove()
+    return seen[0]
 
 
-def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monkeypatch):
-    """Rows that reach the least squares: an o fit leaves sink tokens out; an MLP fit keeps them with
-    target zero (its LoRA must not move the massive activation), and neither changes the weights of
-    the other tokens."""
-    base, source, batch = tiny_prefix_source()
-    sinks = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    sinks[:, 0] = True
-    weights = batch["attention_mask"].double().masked_fill(sinks, 0.0)
-    calls, fit = [], fit_module.reduced_rank_fit
+@pytest.mark.parametrize("model_name", ["gpt2_tiny", "llama_tiny"])
+def test_each_layer_is_fitted_on_the_compiled_models_own_inputs(model_name, tmp_path):
+    """Known answer, computed directly: layer by layer, full-batch least squares of the prefix model's attention
+    output change on the inputs that the model compiled so far (layers < l already fitted) gives o_proj; the
+    layer-wise pipeline over micro-batches must give the same LoRAs. Fitting a layer on the prefix model's
+    own inputs instead gives another fit, by far more than the tolerance."""
+    base, tok = _tiny(model_name)
+    arch = to_spec(compose_cfg("train", [f"model={model_name}"]), "model").arch
+    torch.manual_seed(0)
+    source = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    batch = _batch(tok, [f"Review: a {'very ' * k}good {'and long ' * (k % 3)}film\nSentiment:" for k in range(12)])
+    spec = CompileSpec(rank=2, bias=True, method="lstsq")
+    names = list(target_modules(base, arch, "o"))
+    attn = [n.rsplit(".", 1)[0] for n in names]
+    mask = batch["attention_mask"].bool()
+    # Direct: one padded batch, each layer from full forwards of the model fitted so far.
+    direct = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, True, arch)).eval()
+    wrong = []
+    for name, parent in zip(names, attn):
+        module = direct.get_base_model().get_submodule(name)
+        x = _capture(direct, name, batch, pre=True)
+        target = _capture(source, parent, batch, pre=False) - module.base_layer(x)
+        A, B, b = reduced_rank_fit(x[mask], target[mask], 2, spec.ridge, True)
+        x_prefix = _capture(source, name, batch, pre=True)  # the prefix model's own input
+        A_w, B_w, _ = reduced_rank_fit(x_prefix[mask], target[mask], 2, spec.ridge, True)
+        wrong.append((B_w @ A_w).float())
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(A)
+            module.lora_B["default"].weight.copy_(B)
+            module.lora_B["default"].bias.copy_(b)
+    # Layer-wise, over length-sorted micro-batches of 5.
+    cm = CompileModel(copy.deepcopy(base), _saved(source, tmp_path), "PREFIX_TUNING",
+                      compiled_lora_config(2, names, True, arch))
+    _fit(cm, micro_batches(batch, 5), spec, arch)
+    want, got = _deltas(direct.get_base_model(), names), _deltas(cm.model, names)
+    for layer, (w, g, bad) in enumerate(zip(want, got, wrong)):
+        assert w.norm() > 1e-3, "a real fit, not zeros"
+        assert (g - w).norm() < 1e-3 * w.norm(), layer  # float32 activations, summed in another order
+        if layer > 0:  # layer 0's inputs are the same in both models (the embeddings)
+            assert (bad - w).norm() > 0.1 * w.norm(), layer
 
-    def spy(x, target, rank, ridge, bias, w):
-        calls.append((x, target, w))
-        return fit(x, target, rank, ridge, bias, w)
 
-    monkeypatch.setattr(fit_module, "reduced_rank_fit", spy)
-    names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
-    compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, False, "gpt2")).eval()
-    fit_lstsq(compiled, [prefix_stream(source, batch, "gpt2", mlp=True)], [batch], [weights], "gpt2",
-              CompileSpec(rank=2, bias=False, target="o+mlp"), [sinks])
-    assert len(calls) == 4  # in forward order: layer 0 o, layer 0 mlp, layer 1 o, layer 1 mlp
-    n_content, n_sinks = int(weights.gt(0).sum()), int(sinks.sum())
-    for k, (x, target, w) in enumerate(calls):
-        if k % 2 == 0:  # o
-            assert x.shape[1] == 64 and len(w) == n_content and (w == 1).all()
-        else:  # mlp: the content rows and every sink row, whose target is zero
-            assert x.shape[1] == 256 and len(w) == n_content + n_sinks and (w == 1).all()
-            assert int((target.abs().sum(1) == 0).sum()) == n_sinks
-
-
-def test_micro_batches_fit_exactly_like_one_batch():
-    """The calibration set runs as length-sorted micro-batches in threads that meet at every layer;
-    the fitted LoRA must equal the one fitted from a single padded batch of the same sentences."""
+def test_micro_batches_fit_exactly_like_one_batch(tmp_path):
+    """The calibration set runs as length-sorted micro-batches; the fitted LoRA must equal the one fitted
+    from a single padded batch of the same sentences."""
     base, source, batch = tiny_prefix_source()
     parts = micro_batches(batch, 3)
     assert [p["input_ids"].shape[0] for p in parts] == [3, 3, 3, 1]
     assert sum(int(p["attention_mask"].sum()) for p in parts) == int(batch["attention_mask"].sum())
     assert all(bool(p["attention_mask"][:, -1].any()) for p in parts)  # each cut to its longest row
     assert parts[0]["input_ids"].shape[1] < batch["input_ids"].shape[1]
+    adapter = _saved(source, tmp_path)
+    names = [f"transformer.h.{i}.attn.c_proj" for i in range(2)]
 
     def fit(batches):
-        names = [f"transformer.h.{i}.attn.c_proj" for i in range(2)]
-        compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(2, names, True, "gpt2")).eval()
-        streams = [prefix_stream(source, b, "gpt2") for b in batches]
-        weights = [b["attention_mask"].double() for b in batches]
-        fit_lstsq(compiled, streams, batches, weights, "gpt2", CompileSpec(rank=2, bias=True))
-        layers = compiled.get_base_model().transformer.h
-        return [(l.attn.c_proj.lora_B["default"].weight @ l.attn.c_proj.lora_A["default"].weight,
-                 l.attn.c_proj.lora_B["default"].bias) for l in layers]
+        cm = CompileModel(copy.deepcopy(base), adapter, "PREFIX_TUNING", compiled_lora_config(2, names, True, "gpt2"))
+        _fit(cm, batches, CompileSpec(rank=2, bias=True), "gpt2")
+        return [(d, cm.model.get_submodule(n).lora_B["default"].bias) for d, n in zip(_deltas(cm.model, names), names)]
 
     for (w1, b1), (w2, b2) in zip(fit([batch]), fit(parts)):
         assert w1.norm() > 1e-3 * base.transformer.h[0].attn.c_proj.weight.norm()  # a real fit, not zeros
@@ -198,48 +215,101 @@ def test_micro_batches_fit_exactly_like_one_batch():
         torch.testing.assert_close(b2, b1, rtol=1e-4, atol=1e-6)
 
 
-def test_a_failing_micro_batch_raises_instead_of_hanging():
+class _TwoLoras(CompileModel):
+    """A weight-space source, for known answers: adapter "source" of the same PeftModel is the source, adapter
+    "default" the LoRA being fitted."""
+
+    def __init__(self, peft_model) -> None:
+        self.lora, self.model, self.slots, self.gated, self.m, self.peft_type = peft_model, peft_model.get_base_model(), None, None, 0, "LORA"
+        self.base = View(self, self.base_mode)
+        self.source = View(self, self.source_mode, self.source_inputs)
+        self.compiled = View(self, contextlib.nullcontext)
+
+    @contextlib.contextmanager
+    def source_mode(self):
+        self.lora.base_model.set_adapter("source")
+        try:
+            yield
+        finally:
+            self.lora.base_model.set_adapter("default")
+
+
+@pytest.mark.parametrize("match", ["module", "stream"])
+def test_a_weight_space_source_is_recovered_on_the_modules_it_changed(match):
+    """Known answer: a source that IS a rank-2 LoRA on the attention and MLP output projections. The
+    closed form with target=o+mlp must recover both updates (so the compiled model equals the
+    source); target=o alone cannot reproduce the MLP's change."""
+    base, tok = _tiny()
+    names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
+    words = "good bad dull bright slow long short warm cold odd".split()
+    texts = [f"Review: a {a} and {b} film, {c} at times\nSentiment:" for a in words for b in words[:6] for c in words[6:8]]
+    batches = micro_batches(_batch(tok, texts), 16)  # ~1,700 tokens > 256 = d_in of the MLP projection
+
+    def two_loras(target):
+        model = get_peft_model(copy.deepcopy(base), compiled_lora_config(
+            2, [n for n in names if target == "o+mlp" or ".attn." in n], False, "gpt2"))
+        torch.manual_seed(0)
+        model.add_adapter("source", LoraConfig(r=2, lora_alpha=2, target_modules=names, fan_in_fan_out=True,
+                                               init_lora_weights=False))
+        model.base_model.set_adapter("default")
+        return _TwoLoras(model.eval())
+
+    both, attn_only = two_loras("o+mlp"), two_loras("o")
+    for cm, target in ((both, "o+mlp"), (attn_only, "o")):
+        _fit(cm, batches, CompileSpec(rank=2, bias=False, target=target, match=match, ridge=0.0), "gpt2")
+    for name in names:
+        module = both.model.get_submodule(name)
+        src = module.lora_B["source"].weight @ module.lora_A["source"].weight
+        assert src.norm() > 0.1
+        torch.testing.assert_close(_deltas(both.model, [name])[0], src, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        kw = {k: batches[0][k] for k in ("input_ids", "attention_mask")}
+        out = {k: v(**kw, output_hidden_states=True).hidden_states[-1]
+               for k, v in (("source", both.source), ("both", both.compiled), ("attn_only", attn_only.compiled),
+                            ("base", both.base))}
+    rel = lambda k: float((out[k] - out["source"]).norm() / (out["source"] - out["base"]).norm())  # noqa: E731
+    assert rel("both") < 1e-4 and rel("attn_only") > 0.05, (rel("both"), rel("attn_only"))
+
+
+def test_a_source_without_effect_compiles_to_a_zero_lora(tmp_path):
+    """LLaMA-Adapter starts with its gates at zero: no effect, so every target is zero and the fitted LoRA
+    must be exactly zero (up to float32 round-off). It fails if the source and compiled streams are
+    misaligned (another layer, shifted positions): then the targets are of the order of the activations."""
+    base, tok = _tiny("llama_tiny")
+    gated = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2))
+    names = list(target_modules(base, "llama", "o"))
+    cm = CompileModel(copy.deepcopy(base), _saved(gated, tmp_path), "ADAPTION_PROMPT",
+                      compiled_lora_config(2, names, False, "llama"))
+    batch = _batch(tok, ["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"])
+    _fit(cm, [batch], CompileSpec(rank=2, bias=False), "llama")
+    for name, delta in zip(names, _deltas(cm.model, names)):
+        assert delta.norm() < 1e-6 * cm.model.get_submodule(name).base_layer.weight.norm(), (name, float(delta.norm()))
+
+
+def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monkeypatch, tmp_path):
+    """Rows that reach the least squares: an o fit leaves sink tokens out; an MLP fit keeps them with
+    target zero (its LoRA must not move the massive activation), and neither changes the weights of
+    the other tokens."""
     base, source, batch = tiny_prefix_source()
-    parts = micro_batches(batch, 3)
-    streams = [prefix_stream(source, b, "gpt2") for b in parts][::-1]  # misaligned with the batches
-    compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(
-        2, ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"], False, "gpt2"))
-    with pytest.raises(RuntimeError, match=r"size"):
-        fit_lstsq(compiled, streams, parts, [p["attention_mask"].double() for p in parts], "gpt2", CompileSpec(rank=2, bias=False))
+    sinks = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    sinks[:, 0] = True
+    calls = []
 
+    class Spy(LstsqStats):
+        def add(self, X, T, w=None):
+            calls.append((X, T, w))
+            super().add(X, T, w)
 
-# ------------------------------------------------------------------ on trained tiny runs
-
-
-def test_prefix_streams_hold_one_window_and_match_a_full_capture():
-    """PrefixStreams with room for one layer: each layer equals the full forward's, and asking for the
-    next layer replaces the window instead of adding to it."""
-    base, source, batch = tiny_prefix_source()
-    parts = micro_batches(batch, 4)
-    full = [prefix_stream(source, b, "gpt2") for b in parts]
-    streams = fit_module.PrefixStreams(source, parts, "gpt2", max_bytes=1)
-    assert len(streams) == len(parts) and streams.layers_per_pass == 1
-    for i in range(2):
-        for j in range(len(parts)):
-            got, want = streams[j][i], full[j][i]
-            assert torch.equal(got.h_in, want.h_in) and torch.equal(got.attn, want.attn) and got.mlp is None
-        assert all(set(held) == {i} for held in streams._held)
-    assert streams.passes == 2
-    with pytest.raises(IndexError):
-        streams[len(parts)]
-
-
-def test_a_window_of_layers_compiles_exactly_like_all_layers(llama_prefix_run, first_token_sink, tmp_path):
-    """stream_memory_gb caps the prefix model's activations the fit holds. Below one layer's worth, each
-    layer comes from its own forward pass; the compiled adapter must be the one-pass adapter, bit for bit."""
-    whole = compile_prefix(compile_cfg(llama_prefix_run, f"out_dir={tmp_path / 'whole'}"))
-    window = compile_prefix(compile_cfg(llama_prefix_run, "stream_memory_gb=1e-9", f"out_dir={tmp_path / 'window'}"))
-    n_layers = len(whole["residuals"]["last"])
-    assert n_layers >= 2
-    assert (whole["fit_stats"]["streams"]["layers_per_pass"], whole["fit_stats"]["streams"]["passes"]) == (n_layers, 1)
-    assert (window["fit_stats"]["streams"]["layers_per_pass"], window["fit_stats"]["streams"]["passes"]) == (1, n_layers)
-    a = load_file(str(tmp_path / "whole/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "window/adapter/adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(float(a[k].abs().max()) > 0 for k in a if "o_proj.lora_B" in k)  # a real fit on every layer
-    assert window["residuals"] == whole["residuals"]
+    monkeypatch.setattr(sequential, "LstsqStats", Spy)
+    names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
+    cm = CompileModel(copy.deepcopy(base), _saved(source, tmp_path), "PREFIX_TUNING",
+                      compiled_lora_config(2, names, False, "gpt2"))
+    _fit(cm, [batch], CompileSpec(rank=2, bias=False, target="o+mlp"), "gpt2", [sinks])
+    assert len(calls) == 4  # in forward order: layer 0 o, layer 0 mlp, layer 1 o, layer 1 mlp
+    n_content, n_sinks = int((batch["attention_mask"].bool() & ~sinks).sum()), int(sinks.sum())
+    for k, (x, target, w) in enumerate(calls):
+        if k % 2 == 0:  # o
+            assert x.shape[1] == 64 and len(w) == n_content and (w == 1).all()
+        else:  # mlp: the content rows and every sink row, whose target is zero
+            assert x.shape[1] == 256 and len(w) == n_content + n_sinks and (w == 1).all()
+            assert int((target.abs().sum(1) == 0).sum()) == n_sinks

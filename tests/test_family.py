@@ -206,31 +206,41 @@ def test_compile_refuses_weight_space_adapters(family):
         compile_prefix(compose_cfg("compile", [f"ckpt={root / 'ia3'}", "~logger"]))
 
 
-@pytest.mark.parametrize("job", ["prompt", "gated_prefix", "gated_prefix_llama"])
-def test_stream_capture_is_the_whole_attention_output_at_the_inputs_positions(family, job):
-    """What compile fits to: per layer, h_in + o (o = the adapted attention output, including a gated
-    prefix's term that PEFT adds outside o_proj) must give the next layer's input through the block's
-    own MLP, at the input's positions (a soft prompt's virtual positions cut off)."""
-    from feta.compile.fit import prefix_stream
+@pytest.mark.parametrize("job", ["prompt", "prompt_llama", "gated_prefix", "gated_prefix_llama"])
+def test_the_source_run_a_layer_at_a_time_is_the_adapted_model(family, job):
+    """What compile fits to: the source view of the one model (a soft prompt as key/value slots, a gated
+    prefix's wrappers swapped in), run one decoder layer at a time from the caught first-layer inputs, must
+    give every hidden state of the adapted PEFT model at the input's positions; and with the source
+    switched off, the base model's."""
+    from feta.adapters import compiled_lora_config
+    from feta.compile import layers
+    from feta.compile.fit import numbered_modules, target_modules
+    from feta.compile.spec import LAYER
+    from feta.compile.views import CompileModel
 
     root, runs = family
     cfg, _, obj = runs[job]
     model, tok = obj["model"].eval(), obj["datamodule"].tokenizer
     ids, mask = _batch(tok)
-    batch = {"input_ids": ids, "attention_mask": mask}
     arch = to_spec(cfg, "model").arch
+    base, _ = load_base_model(to_spec(cfg, "model"))
+    names = list(target_modules(base, arch, "o"))
+    cm = CompileModel(base, root / job / "adapter", model.active_peft_config.peft_type.value,
+                      compiled_lora_config(2, names, False, arch))
+    decoder = [cm.model.get_submodule(n) for n in numbered_modules(cm.model, LAYER[arch], arch).values()]
+    batch = {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
-        streams = prefix_stream(model, batch, arch, mlp=True)
-        hidden = [input_positions(h, ids) for h in model(**batch, output_hidden_states=True).hidden_states]
-        blocks = model.get_base_model().transformer.h if arch == "gpt2" else model.get_base_model().model.layers
-        for i in range(len(blocks) - 1):  # the last hidden state is after the final norm
-            h_in, o, mlp_out = streams[i]
-            assert h_in.shape == (*ids.shape, h_in.shape[-1])
-            torch.testing.assert_close(h_in, hidden[i])
-            mid = h_in + o
-            norm, mlp = (blocks[i].ln_2, blocks[i].mlp) if arch == "gpt2" else (blocks[i].post_attention_layernorm, blocks[i].mlp)
-            torch.testing.assert_close(mlp_out, mlp(norm(mid)), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(mid + mlp_out, hidden[i + 1], atol=1e-5, rtol=1e-5)
+        want = [input_positions(h, ids) for h in model(**batch, output_hidden_states=True).hidden_states]
+        base_h = cm.base(**batch, output_hidden_states=True).hidden_states
+        for view, mode, expected in ((cm.source, cm.source_mode, want), (cm.base, cm.base_mode, base_h)):
+            stream = layers.catch(view, decoder[0], [batch], "cpu")
+            torch.testing.assert_close(stream.hidden[0], expected[0])
+            with mode():
+                for i, layer in enumerate(decoder[:-1]):  # the last hidden state is after the final norm
+                    cache = cm.layer_cache(i) if view is cm.source else None
+                    stream.hidden[0] = layers.run(layer, stream, 0, "cpu", cache)
+                    torch.testing.assert_close(stream.hidden[0], expected[i + 1], atol=1e-7, rtol=1e-6)
+        assert (want[-2] - base_h[-2]).abs().max() > 1e-5  # the adapter changes the model, by far more than the tolerance
 
 
 def _compile_ranks(root, job, tmp_path, ranks=(1, 64)):  # gpt2_tiny and llama_tiny: d = 64 = full rank

@@ -20,18 +20,24 @@ import torch.nn.functional as F
 from feta.compile.calibration import Calibration
 from feta.compile.spec import CompileSpec, DistillHidden, Schedule
 from feta.compile.tokens import sinks_in
+from feta.compile.views import CompileModel
 from feta.scoring import class_log_probs, input_positions, scored_logits
 
 
 class DistillModule(L.LightningModule):
-    """`verbalizer_ids`: the classes' token ids (classification), or None (generation: every target token)."""
+    """`student`: the LoRA PeftModel being trained; `teacher`: the source's forward (a model, or a view of the
+    student's own base model, feta/compile/views.py); `base`: the base model's forward (None: the student with
+    its adapter off). `verbalizer_ids`: the classes' token ids (classification), or None (generation: every
+    target token)."""
 
     def __init__(self, student, teacher, verbalizer_ids: list[list[int]] | None, lr: float,
                  hidden: DistillHidden | str = DistillHidden.final, sink_ratio: float = 6.0,
-                 schedule: Schedule | str = Schedule.constant, steps: int = 1, last_weight: float = 1.0) -> None:
+                 schedule: Schedule | str = Schedule.constant, steps: int = 1, last_weight: float = 1.0,
+                 base=None) -> None:
         super().__init__()
-        self.student, self.teacher = student, teacher
-        self.teacher.requires_grad_(False)
+        self.student, self.teacher, self.base = student, teacher, base
+        if isinstance(teacher, torch.nn.Module):
+            self.teacher.requires_grad_(False)
         self.verbalizer_ids, self.lr, self.sink_ratio = verbalizer_ids, lr, sink_ratio
         self.hidden, self.schedule = DistillHidden(hidden), Schedule(schedule)
         self.steps, self.last_weight = steps, last_weight
@@ -52,8 +58,11 @@ class DistillModule(L.LightningModule):
         with torch.no_grad():
             h_t, z_t = self._outputs(self.teacher, batch)
             if self.hidden is DistillHidden.layers:
-                with self.student.disable_adapter():
-                    h_b, _ = self._outputs(self.student, batch)
+                if self.base is not None:
+                    h_b, _ = self._outputs(self.base, batch)
+                else:
+                    with self.student.disable_adapter():
+                        h_b, _ = self._outputs(self.student, batch)
                 content = mask & ~sinks_in(h_b[:-1], batch, self.sink_ratio)
                 scored = batch["scored"]
         h_s, z_s = self._outputs(self.student, batch)
@@ -82,17 +91,21 @@ class DistillModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def distill(student, teacher, calibration: Calibration, spec: CompileSpec, seed: int) -> dict:
+def distill(cm: CompileModel, calibration: Calibration, spec: CompileSpec, seed: int, device: torch.device,
+            precision: str = "32-true") -> dict:
     """Run `spec.distill_steps` steps on the source's training examples (a task's training split, or a
-    prompt file's calibration prompts); returns the final losses."""
+    prompt file's calibration prompts) on `device`, in Lightning's `precision`; returns the final losses.
+    One model: the teacher is the student's own base model with the source switched in."""
     L.seed_everything(seed + 2, workers=True, verbose=False)
     loader = torch.utils.data.DataLoader(
         calibration.train, batch_size=spec.distill_batch_size, shuffle=True, collate_fn=calibration.collate,
     )
-    module = DistillModule(student, teacher.eval(), calibration.verbalizer_ids, spec.distill_lr, spec.distill_hidden,
-                           spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight)
+    module = DistillModule(cm.lora, cm.source, calibration.verbalizer_ids, spec.distill_lr, spec.distill_hidden,
+                           spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight, base=cm.base)
+    on_gpu = device.type == "cuda"
     trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        accelerator="auto", devices=1, num_sanity_val_steps=0, limit_val_batches=0)
+                        accelerator="gpu" if on_gpu else "cpu", devices=[device.index or 0] if on_gpu else 1,
+                        precision=precision, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)
-    student.eval()
+    cm.lora.eval()
     return {"steps": trainer.global_step, **{k: float(v) for k, v in trainer.callback_metrics.items()}}

@@ -3,43 +3,60 @@ in, a compiled directory out.
 
     <out>/adapter/       a standard PEFT LoRA (PeftModel.from_pretrained loads it)
     <out>/compile.json   method, rank, modules, where it came from, per-layer residuals and next-token
-                         faithfulness on the held-out inputs, fit time
+                         faithfulness on the held-out inputs, fit time, memory
     <out>/merged/        with a merge dtype: the full model with the LoRA merged, safetensors
+
+One base model is held from start to end, on `device`: the source adapter and the compiled LoRA are views
+of it (feta/compile/views.py), the fit runs it a layer at a time (feta/compile/sequential.py), and the
+merge folds the LoRA into it in place, last.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
 from torch import Tensor
 
 from feta import runs
-from feta.adapters import compiled_lora_config, load_adapter, merge_checked
+from feta.adapters import compiled_lora_config, merge_in_place
+from feta.compile import memory
 from feta.compile.calibration import Calibration, calibrate
 from feta.compile.distill import distill
 from feta.compile.faithfulness import next_token
-from feta.compile.fit import PrefixStreams, SinkPlan, fit_lstsq, target_modules
-from feta.compile.sink import prefix_key_values as sink_key_values
+from feta.compile.fit import target_modules
+from feta.compile.sequential import SinkPlan, fit_sequential
 from feta.compile.sink import supports as sink_supports
 from feta.compile.source import CompileSource, check_shapes
 from feta.compile.spec import CompileSpec, Method
 from feta.compile.tokens import find_sinks, fit_weights, micro_batches, sinks_in
+from feta.compile.views import CompileModel
 from feta.errors import UserError
 from feta.models import load_base_model
 from feta.scoring import input_positions
 
-# Calibration examples per micro-batch (see feta/compile/fit.py).
+log = logging.getLogger("feta")
+
+# Calibration examples per micro-batch.
 MICRO_BATCH = 32
 # Held-out inputs the merged model's logits are checked on.
 MERGE_CHECK = 16
 # method=sink needs the first token to be the sink in (nearly) every sequence.
 SINK_AT_START = 0.9
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name}", "no CUDA device is visible to torch", "use device=cpu or device=auto")
+    return device
 
 
 @torch.no_grad()
@@ -50,7 +67,8 @@ def layer_residuals(base_model, prefix_model, compiled_model, batches: list[dict
     by the attention sink's change, so reports lead with the scored positions."""
     sums = {}  # (selection, layer) -> [‖h_compiled − h_prefix‖², ‖h_prefix − h_base‖²]
     for batch in batches:
-        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True,
+              "logits_to_keep": 1}
         h = {k: torch.stack([input_positions(x, batch["input_ids"]) for x in m(**kw).hidden_states[1:]])
              for k, m in (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}  # (L, B, T, d)
         mask = batch["attention_mask"].bool()
@@ -83,43 +101,49 @@ def _warn_absolute_positions(source: CompileSource, base) -> None:
         )
 
 
-def _sink_plan(base, prefix_model, batches: list[dict], sinks: list[Tensor], arch: str) -> tuple[SinkPlan | None, dict]:
-    """What method=sink needs, or None and the reason it falls back to the closed form alone."""
-    reason = sink_supports(prefix_model, arch)
-    share = float(torch.cat([s[:, 0] for s in sinks]).float().mean())  # sequences whose first token is a sink
+def _sink_fallback(source: CompileSource, sinks: list[Tensor]) -> tuple[str | None, float]:
+    """Why method=sink falls back to the closed form alone (None: it does not), and the share of
+    calibration sequences whose first token is a sink."""
+    reason = sink_supports(source.peft_type, source.model.arch)
+    share = float(torch.cat([s[:, 0] for s in sinks]).float().mean())
     if reason is None and share < SINK_AT_START:
         reason = (f"the first token is an attention sink in {share:.0%} of calibration sequences (needs "
                   f">= {SINK_AT_START:.0%}): no fixed sink slot to merge into")
     if reason is not None:
         warnings.warn(f"method=sink falls back to the closed form on `target` alone: {reason}")
-        return None, {"fallback": reason, "sink_at_start": share}
-    m = prefix_model.active_peft_config.num_virtual_tokens
-    content = [b["attention_mask"].bool() & ~s & (torch.arange(s.shape[1]) > 0) for b, s in zip(batches, sinks)]
-    plan = SinkPlan(sink_key_values(prefix_model, m), base.model.rotary_emb, m, content)
-    return plan, {"sink_at_start": share, "m": m}
+    return reason, share
 
 
-def _fit(base, prefix_model, calibration: Calibration, spec: CompileSpec, arch: str, seed: int):
-    """The compiled PEFT LoRA model and its fit statistics."""
-    batches = micro_batches(calibration.fit, MICRO_BATCH)
-    stats, positions = {}, {}
-    sinks = [find_sinks(base, b, spec.sink_ratio) for b in batches] if spec.method is not Method.distill else []
-    plan = None
-    if spec.method is Method.sink:
-        plan, stats["sink"] = _sink_plan(base, prefix_model, batches, sinks, arch)
+def _to(batches: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def _fit(base, source: CompileSource, calibration: Calibration, spec: CompileSpec, device: torch.device,
+         store: str, precision: str) -> tuple[CompileModel, dict, dict]:
+    """The one model with its compiled LoRA fitted in place, its fit statistics and the fitted positions."""
+    arch = source.model.arch
+    batches = _to(micro_batches(calibration.fit, MICRO_BATCH), device)
     names = list(target_modules(base, arch, spec.target))
-    kv = [n for n in target_modules(base, arch, "k+v")] if plan is not None else []
-    compiled = get_peft_model(copy.deepcopy(base), compiled_lora_config(spec.rank, names + kv, spec.bias, arch, kv)).eval()
+    stats, positions, sinks, kv = {}, {}, [], []
     if spec.method is not Method.distill:
-        # Streams are computed when the fit asks for them: method=sink with target=none asks for none.
-        streams = PrefixStreams(prefix_model, batches, arch, mlp="mlp" in spec.module_kinds,
-                                max_bytes=spec.stream_memory_gb * 1e9)
+        sinks = [find_sinks(base, b, spec.sink_ratio) for b in batches]  # before any adapter: the base model
+    if spec.method is Method.sink:
+        reason, share = _sink_fallback(source, sinks)
+        stats["sink"] = {"fallback": reason, "sink_at_start": share} if reason else {"sink_at_start": share}
+        kv = [] if reason else list(target_modules(base, arch, "k+v"))
+    cm = CompileModel(base, source.adapter_dir, source.peft_type, compiled_lora_config(spec.rank, names + kv, spec.bias, arch, kv))
+    if spec.method is not Method.distill:
+        plan = None
+        if kv:
+            stats["sink"]["m"] = cm.m
+            content = [b["attention_mask"].bool() & ~s & (torch.arange(s.shape[1], device=s.device) > 0)
+                       for b, s in zip(batches, sinks)]
+            plan = SinkPlan(cm.prefix_key_values(), cm.model.model.rotary_emb, cm.m, content)
         weights, positions = fit_weights(batches, sinks, spec)
-        stats["modules"] = fit_lstsq(compiled, streams, batches, weights, arch, spec, sinks, plan)
-        stats["streams"] = streams.record()
+        stats["modules"] = fit_sequential(cm, batches, weights, sinks, arch, spec, store, plan)
     if spec.method in (Method.distill, Method.lstsq_distill):
-        stats["distill"] = distill(compiled, prefix_model, calibration, spec, seed)
-    return compiled.eval(), stats, positions
+        stats["distill"] = distill(cm, calibration, spec, source.seed, device, precision)
+    return cm, stats, positions
 
 
 def _record(source: CompileSource, spec: CompileSpec, names: list[str], calibration: Calibration, positions: dict,
@@ -149,38 +173,52 @@ def _record(source: CompileSource, spec: CompileSpec, names: list[str], calibrat
     }
 
 
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """Lightning's precision for distillation: mixed 16-bit where the forwards are 16-bit (the LoRA's own
+    parameters stay float32), full float32 otherwise."""
+    if dtype == torch.bfloat16:
+        return "bf16-mixed"
+    return "16-mixed" if dtype == torch.float16 and device.type == "cuda" else "32-true"
+
+
 def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, merge_dtype: str | None = None
                 ) -> dict[str, Any]:
     """Compile the adapter of `source` into a PEFT LoRA adapter at `out_dir`/adapter (and, with a
     `merge_dtype`, the merged model at `out_dir`/merged); returns compile.json."""
-    base, tokenizer = load_base_model(source.model)
+    device = resolve_device(spec.device)
+    base, tokenizer = load_base_model(source.model, keep=False)
+    dtype = getattr(torch, spec.dtype) if spec.dtype else base.dtype
+    base.to(device=device, dtype=dtype)
     check_shapes(source, base)
     names = target_modules(base, source.model.arch, spec.target)
     _check_rank(base, names, spec)
     _warn_absolute_positions(source, base)
     start = time.perf_counter()
     calibration = calibrate(source, tokenizer, spec)
-    prefix_model = load_adapter(copy.deepcopy(base), source.adapter_dir).eval()
-    compiled, stats, positions = _fit(base, prefix_model, calibration, spec, source.model.arch, source.seed)
+    held_out = _to(micro_batches(calibration.held_out, MICRO_BATCH), device)
+    need = memory.plan(base, micro_batches(calibration.fit, MICRO_BATCH), micro_batches(calibration.held_out, MICRO_BATCH),
+                       spec, source.virtual_tokens, device)
+    log.info(f"compile on {device} in {str(dtype).removeprefix('torch.')}: needs {need.describe()}")
+    cm, stats, positions = _fit(base, source, calibration, spec, device, need.store, _precision(dtype, device))
     fit_time = time.perf_counter() - start
-    held_out = micro_batches(calibration.held_out, MICRO_BATCH)
-    residuals = layer_residuals(base, prefix_model, compiled, held_out, spec.sink_ratio)
+    residuals = layer_residuals(cm.base, cm.source, cm.compiled, held_out, spec.sink_ratio)
     record = _record(source, spec, list(names), calibration, positions, residuals, stats, fit_time)
-    record["next_token"] = next_token(base, prefix_model, compiled, held_out)
+    record["next_token"] = next_token(cm.base, cm.source, cm.compiled, held_out)
+    record["device"], record["dtype"] = str(device), str(dtype).removeprefix("torch.")
     with runs.atomic_dir(out_dir) as tmp:
-        compiled.save_pretrained(str(tmp / runs.ADAPTER))
+        cm.lora.save_pretrained(str(tmp / runs.ADAPTER))
         if merge_dtype is not None:
-            check = {k: calibration.held_out[k][:MERGE_CHECK] for k in ("input_ids", "attention_mask")}
-            record["merge"] = merge_compiled(tmp, merge_dtype, base, check)
+            check = {k: v[:MERGE_CHECK] for k, v in held_out[0].items() if k in ("input_ids", "attention_mask")}
+            merged, diff = merge_in_place(cm.lora, merge_dtype, check)
+            with runs.atomic_dir(tmp / "merged") as merged_dir:
+                merged.save_pretrained(str(merged_dir), safe_serialization=True)
+            record["merge"] = {"dtype": merge_dtype, "max_abs_logit_diff": diff, "path": "merged"}
+        record["memory"] = {"estimate_gb": round((need.total + _weights(cm)) / memory.GB, 3),
+                            "caches_on": need.store, **memory.peak()}
         runs.write_json(tmp / runs.COMPILE, record)
+    log.info(f"peak memory: {record['memory']}")
     return record
 
 
-def merge_compiled(compiled_dir: str | Path, dtype: str, base, check_inputs: dict[str, Tensor]) -> dict[str, Any]:
-    """Merge the saved compiled adapter into a copy of `base` (plain PEFT load), save `merged/`, and report
-    the max abs logit difference between merged and unmerged on `check_inputs`."""
-    compiled_dir = Path(compiled_dir)
-    merged, diff = merge_checked(copy.deepcopy(base), compiled_dir / runs.ADAPTER, dtype, check_inputs)
-    with runs.atomic_dir(compiled_dir / "merged") as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-    return {"dtype": dtype, "max_abs_logit_diff": diff, "path": "merged"}
+def _weights(cm: CompileModel) -> float:
+    return sum(p.numel() * p.element_size() for p in cm.model.parameters())

@@ -17,8 +17,8 @@ per layer and key/value head:
   and uᵀx_t ≈ 0 on every later input (ridge), so they act on the first token's slot alone. "Every later
   input" includes the later sinks that long inputs grow (AG News: ~1 per article): their states resemble
   the first token's, and an edit left free on them would hand them the prefix's share of attention too.
-Layers are fitted from the bottom, each on the inputs the already edited layers produce (the barrier
-scheme of feta/compile/fit.py); the `o_proj` rank-r fit then runs on top, for what is left.
+Layers are fitted from the bottom, each on the inputs the already edited layers produce
+(feta/compile/layers.py); the `o_proj` rank-r fit then runs on top, for what is left.
 The targets come from the prefix's keys and values as PEFT caches them, against the compiled model's own
 queries: no gradient steps.
 """
@@ -32,6 +32,8 @@ from torch import Tensor
 
 from feta.equivalence.attention import rotate
 
+# PEFT kinds whose source is key/value slots in every layer (feta/compile/views.py).
+SLOT_KINDS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 # Ridges, relative to the mean eigenvalue of the Gram matrix: the key fit is well posed (rows ≫ d_head),
 # the sink direction u needs more, since content inputs span most directions.
 KEY_RIDGE = 1e-6
@@ -41,49 +43,99 @@ SINK_WEIGHT = 100.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure math, per key/value head: rows are (query head of the group, content token) pairs.
+# Pure math, per key/value head: rows are (query head of the group, content token) pairs. Each fit adds
+# its rows' float64 sums micro-batch by micro-batch, then solves once (the same fit as on all rows at once).
+
+
+class KeyValueStats:
+    """The sums the merged key and value of one key/value head need, over every micro-batch's rows."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Tensor | float] = {}
+
+    def add(self, q: Tensor, q_shift: Tensor, k_sink: Tensor, v_sink: Tensor, pk: Tensor, pv: Tensor,
+            content_lse: Tensor, scale: float) -> None:
+        """q: (n, d) queries at the compiled positions; q_shift: the same at the prefix model's positions;
+        k_sink, v_sink: (n, d) the sink's key and value in each row's sequence; pk, pv: (m, d) the prefix;
+        content_lse: (n,) logsumexp of each query's logits over its content keys (for the merged mass)."""
+        q, q_shift, k_sink, v_sink, pk, pv, content_lse = (t.double() for t in (q, q_shift, k_sink, v_sink, pk, pv,
+                                                                                 content_lse))
+        s_sink = (q * k_sink).sum(-1) * scale  # (n,)
+        logits = torch.cat([s_sink[:, None], q_shift @ pk.T * scale], 1)  # (n, 1 + m)
+        lse = torch.logsumexp(logits, 1)  # (n,) the merged slot's logit
+        mass = torch.sigmoid(lse - content_lse)  # share of attention the sink + prefix take
+        A, y = q * scale, lse - s_sink  # q_t·δ_k·scale ≈ lse − s_sink
+        mix_w = torch.softmax(logits, 1)  # (n, 1 + m)
+        mix = mix_w[:, :1] * v_sink + mix_w[:, 1:] @ pv  # (n, d) what the prefix model's slots return
+        w2 = mass.pow(2)
+        sums = {"gram": (A * mass[:, None]).T @ A, "rhs": (A * mass[:, None]).T @ y, "yy": (mass * y * y).sum(),
+                "mass": mass.sum(), "rows": float(len(mass)), "v_num": (w2[:, None] * (mix - v_sink)).sum(0),
+                "w2": w2.sum()}
+        for key, value in sums.items():
+            self.parts[key] = self.parts[key] + value if key in self.parts else value
+
+    def solve(self) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """δ_k, δ_v (d,) that merge the prefix into the sink slot, and the key fit's residual."""
+        p = self.parts
+        gram = p["gram"]
+        ridge = KEY_RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        delta_k = torch.linalg.solve(gram + ridge, p["rhs"])
+        delta_v = p["v_num"] / p["w2"]
+        err = float(delta_k @ gram @ delta_k - 2 * delta_k @ p["rhs"] + p["yy"])  # Σ mass·(q·δ_k·scale − y)²
+        stats = {"key_fit_residual": max(err, 0.0) ** 0.5 / max(float(p["yy"]), 1e-60) ** 0.5,
+                 "mass_mean": float(p["mass"]) / p["rows"]}
+        return delta_k, delta_v, stats
 
 
 def merged_key_value(q: Tensor, q_shift: Tensor, k_sink: Tensor, v_sink: Tensor, pk: Tensor, pv: Tensor,
                      content_lse: Tensor, scale: float) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """δ_k, δ_v (d,) that merge the prefix (pk, pv: (m, d)) into the sink slot.
+    """δ_k, δ_v (d,) that merge the prefix (pk, pv: (m, d)) into the sink slot, from rows held at once
+    (see KeyValueStats.add)."""
+    stats = KeyValueStats()
+    stats.add(q, q_shift, k_sink, v_sink, pk, pv, content_lse, scale)
+    return stats.solve()
 
-    q: (n, d) queries at the compiled positions; q_shift: the same at the prefix model's positions;
-    k_sink, v_sink: (n, d) the sink's key and value in each row's sequence; content_lse: (n,) logsumexp of
-    each query's logits over its content keys (for the merged attention mass). float64 inside.
-    """
-    q, q_shift, k_sink, v_sink, pk, pv, content_lse = (t.double() for t in (q, q_shift, k_sink, v_sink, pk, pv, content_lse))
-    s_sink = (q * k_sink).sum(-1) * scale  # (n,)
-    s_prefix = q_shift @ pk.T * scale  # (n, m)
-    logits = torch.cat([s_sink[:, None], s_prefix], 1)  # (n, 1 + m)
-    lse = torch.logsumexp(logits, 1)  # (n,) the merged slot's logit
-    mass = torch.sigmoid(lse - content_lse)  # share of attention the sink + prefix take
-    A, y = q * scale, lse - s_sink  # q_t·δ_k·scale ≈ lse − s_sink
-    gram = (A * mass[:, None]).T @ A
-    ridge = KEY_RIDGE * gram.diagonal().mean() * torch.eye(A.shape[1], dtype=A.dtype)
-    delta_k = torch.linalg.solve(gram + ridge, (A * mass[:, None]).T @ y)
-    mix_w = torch.softmax(logits, 1)  # (n, 1 + m)
-    mix = mix_w[:, :1] * v_sink + mix_w[:, 1:] @ pv  # (n, d) what the prefix model's slots return
-    w2 = mass.pow(2)
-    delta_v = (w2[:, None] * (mix - v_sink)).sum(0) / w2.sum()
-    resid = (A @ delta_k - y) * mass.sqrt()
-    stats = {"key_fit_residual": float(resid.norm() / (y * mass.sqrt()).norm().clamp_min(1e-30)),
-             "mass_mean": float(mass.mean())}
-    return delta_k, delta_v, stats
+
+class DirectionStats:
+    """The sums the sink direction u needs: X_rᵀX_r over every later input, X_sᵀX_s and ΣX_s over the
+    first-token inputs."""
+
+    def __init__(self) -> None:
+        self.rr = self.ss = self.s = None
+        self.n_rest = self.n_sink = 0
+
+    def add(self, x_rest: Tensor, x_sink: Tensor) -> None:
+        X_r, X_s = x_rest.double(), x_sink.double()
+        parts = (X_r.T @ X_r, X_s.T @ X_s, X_s.sum(0))
+        self.rr, self.ss, self.s = parts if self.rr is None else (self.rr + parts[0], self.ss + parts[1], self.s + parts[2])
+        self.n_rest, self.n_sink = self.n_rest + X_r.shape[0], self.n_sink + X_s.shape[0]
+
+    def solve(self) -> tuple[Tensor, dict[str, float]]:
+        """u (D,) with uᵀx_sink ≈ 1 for every first-token input and uᵀx ≈ 0 for the rest: the ridge solution
+        of min ‖X_r u‖² + β‖X_s u − 1‖² + λ‖u‖² (β = SINK_WEIGHT · n_rest / n_sink), and the rms leak."""
+        beta = SINK_WEIGHT * self.n_rest / max(self.n_sink, 1)
+        gram = self.rr + beta * self.ss
+        lam = EDIT_RIDGE * gram.diagonal().mean()
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        u = torch.linalg.solve(gram + lam * eye, beta * self.s)
+        u = u / (self.s @ u / self.n_sink)  # exactly 1 on the mean sink input
+        return u, {"leak_rms": max(float(u @ self.rr @ u), 0.0) ** 0.5 / max(self.n_rest, 1) ** 0.5}
+
+
+def leak(u: Tensor, x_rest: Tensor, x_sink: Tensor) -> dict[str, float]:
+    """How far u is from acting on the first token alone, on these rows: the largest |uᵀx| of a later
+    input and the smallest uᵀx_sink."""
+    return {"leak_max": float((x_rest.double() @ u).abs().max()) if len(x_rest) else 0.0,
+            "sink_gain_min": float((x_sink.double() @ u).min())}
 
 
 def sink_direction(x_rest: Tensor, x_sink: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """u (D,) with uᵀx_sink ≈ 1 for every first-token input (rows of x_sink) and uᵀx ≈ 0 for the rest:
-    the ridge solution of min ‖X_r u‖² + β‖X_s u − 1‖² + λ‖u‖² (β = SINK_WEIGHT · n_rest / n_sink)."""
-    X_r, X_s = x_rest.double(), x_sink.double()
-    beta = SINK_WEIGHT * X_r.shape[0] / max(X_s.shape[0], 1)
-    gram = X_r.T @ X_r + beta * X_s.T @ X_s
-    lam = EDIT_RIDGE * gram.diagonal().mean()
-    u = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), beta * X_s.sum(0))
-    u = u / (X_s @ u).mean()  # exactly 1 on the mean sink input
-    leak = X_r @ u
-    return u, {"leak_rms": float(leak.pow(2).mean().sqrt()), "leak_max": float(leak.abs().max()),
-               "sink_gain_min": float((X_s @ u).min())}
+    """u (see DirectionStats.solve) from rows held at once: x_rest (n, D) every later input, x_sink the
+    first-token inputs."""
+    stats = DirectionStats()
+    stats.add(x_rest, x_sink)
+    u, record = stats.solve()
+    return u, {**record, **leak(u, x_rest, x_sink)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,40 +176,44 @@ def collect_rows(attn, rotary, hidden: Tensor, position_embeddings: tuple[Tensor
     return {"heads": rows, "x_rest": hidden[keys], "x_sink": hidden[:, 0]}
 
 
+class LayerStats:
+    """One layer's sums over every micro-batch's rows (collect_rows): a KeyValueStats per key/value head
+    and the DirectionStats of the edit. pk, pv: (n_kv, m, d), the prefix's keys and values at this layer."""
+
+    def __init__(self, pk: Tensor, pv: Tensor, scale: float) -> None:
+        self.pk, self.pv, self.scale = pk, pv, scale
+        self.heads = [KeyValueStats() for _ in range(pk.shape[0])]
+        self.direction = DirectionStats()
+
+    def add(self, rows: dict[str, Any]) -> None:
+        for g, head in enumerate(self.heads):
+            r = rows["heads"][g]
+            head.add(r["q"], r["q_shift"], r["k_sink"], r["v_sink"], self.pk[g], self.pv[g], r["lse"], self.scale)
+        self.direction.add(rows["x_rest"], rows["x_sink"])
+
+    def solve(self) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """(δ_k, δ_v over all key/value heads (n_kv·d,), u (D,), stats)."""
+        solved = [head.solve() for head in self.heads]
+        u, edit = self.direction.solve()
+        stats = {f"head{g}": s for g, (_, _, s) in enumerate(solved)}
+        return torch.cat([dk for dk, _, _ in solved]), torch.cat([dv for _, dv, _ in solved]), u, {**edit, **stats}
+
+
 def fit_layer(parts: list[dict[str, Any]], pk: Tensor, pv: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """(δ_k, δ_v over all key/value heads (n_kv·d,), u (D,), stats) from every micro-batch's rows.
-    pk, pv: (n_kv, m, d), the prefix's keys and values at this layer."""
-    deltas_k, deltas_v, stats = [], [], {}
-    for g in range(pk.shape[0]):
-        cat = {key: torch.cat([p["heads"][g][key] for p in parts]) for key in parts[0]["heads"][g]}
-        dk, dv, s = merged_key_value(cat["q"], cat["q_shift"], cat["k_sink"], cat["v_sink"], pk[g], pv[g], cat["lse"],
-                                     scale)
-        deltas_k.append(dk)
-        deltas_v.append(dv)
-        stats[f"head{g}"] = s
-    u, edit = sink_direction(torch.cat([p["x_rest"] for p in parts]), torch.cat([p["x_sink"] for p in parts]))
-    return torch.cat(deltas_k), torch.cat(deltas_v), u, {**edit, **stats}
+    """LayerStats over the micro-batches' rows `parts` held at once, solved, with the edit's leak on them."""
+    stats = LayerStats(pk, pv, scale)
+    for rows in parts:
+        stats.add(rows)
+    dk, dv, u, record = stats.solve()
+    x_rest, x_sink = (torch.cat([p[key] for p in parts]) for key in ("x_rest", "x_sink"))
+    return dk, dv, u, {**record, **leak(u, x_rest, x_sink)}
 
 
-@torch.no_grad()
-def prefix_key_values(prefix_model, m: int) -> list[tuple[Tensor, Tensor]]:
-    """Per layer, the m virtual slots' keys and values (n_kv, m, d), as the adapted model attends to them.
-    A prefix stores them (PEFT's get_prompt); a soft prompt's are computed from its virtual tokens, which
-    come first and so do not depend on the input."""
-    config = prefix_model.active_peft_config
-    if config.peft_type.value == "PREFIX_TUNING":
-        return [(layer.keys[0], layer.values[0]) for layer in prefix_model.get_prompt(batch_size=1).layers]
-    out = prefix_model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
-    cache = out.get("past_key_values") or out.get("cache")
-    return [(layer.keys[0, :, :m], layer.values[0, :, :m]) for layer in cache.layers]
-
-
-def supports(prefix_model, arch: str) -> str | None:
+def supports(peft_type: str, arch: str) -> str | None:
     """None when method=sink applies to this source, else the reason it does not."""
     if arch != "llama":
         return (f"{arch} has absolute position embeddings and no rotary-identity sink slot; the sink fit is "
                 "written for rotary (Llama-style) attention")
-    kind = prefix_model.active_peft_config.peft_type.value
-    if kind not in ("PREFIX_TUNING", "PROMPT_TUNING"):
-        return f"a {kind} adapter has no key/value slots to merge"
+    if peft_type not in SLOT_KINDS:
+        return f"a {peft_type} adapter has no key/value slots to merge (its gated attention has its own softmax)"
     return None

@@ -3,6 +3,7 @@ modules a compiled LoRA can sit on in each architecture."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -25,8 +26,12 @@ MODULE_KINDS = ("q", "k", "v", "qkv", "o", "mlp", "none")
 CLOSED_FORM = ("o", "mlp")
 # The attention module and MLP of layer i, whose outputs the fit matches (with PEFT's gated prefix the
 # adapter's term is added outside o_proj, by a wrapper that takes the attention module's place).
+LAYER = {"llama": r"layers\.(\d+)", "gpt2": r"h\.(\d+)"}  # decoder layer i
 ATTENTION = {"llama": r"layers\.(\d+)\.self_attn", "gpt2": r"h\.(\d+)\.attn"}
 MLP = {"llama": r"layers\.(\d+)\.mlp", "gpt2": r"h\.(\d+)\.mlp"}
+
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class Method(str, Enum):
@@ -89,9 +94,13 @@ class CompileSpec:
     # sees there (method=sink edits the first token's slot).
     calib_max_length: int | None = field(default=None, metadata={
         "help": "Truncate calibration sequences (tokens); null = the task's data.max_length (prompt files: 128)."})
-    stream_memory_gb: float = field(default=4.0, metadata={
-        "help": "Memory for the source model's activations during the fit (GB); a larger calibration set "
-                "is fitted in more passes, with the same result."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present) | cpu | cuda | cuda:N."})
+    dtype: str | None = field(default=None, metadata={
+        "help": "The forwards' dtype: float32 | bfloat16 | float16; null = the model's (model.dtype). The fit's "
+                "statistics and solves are float64 whatever it is."})
+    memory_gb: float | None = field(default=None, metadata={
+        "help": "Memory the compile may use on its device beside the model (GB); null = what is free. The "
+                "calibration caches go to the CPU when they do not fit on an accelerator."})
     eval_size: int = field(default=128, metadata={"help": "Held-out validation examples for the residuals."})
     distill_steps: int = field(default=100, metadata={"help": "Gradient steps for the distill methods."})
     distill_lr: float = field(default=3e-4, metadata={"help": "Learning rate for distillation."})
@@ -131,8 +140,13 @@ class CompileSpec:
         for key in ("calib_size", "eval_size", "distill_batch_size", "distill_steps"):
             check_positive(key, getattr(self, key))
         check_positive("calib_max_length", self.calib_max_length, allow_none=True)
-        for key in ("last_weight", "distill_lr", "stream_memory_gb"):
+        for key in ("last_weight", "distill_lr"):
             check_positive(key, getattr(self, key), what="number")
+        check_positive("memory_gb", self.memory_gb, allow_none=True, what="number")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise UserError("device", f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:<index>")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError("dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}, or null")
         if self.ridge < 0:
             raise UserError("ridge", f"must be >= 0, got {self.ridge}", "e.g. ridge=1e-4")
         if self.sink_ratio <= 1:
@@ -149,9 +163,6 @@ class CompileSpec:
         return (f"compiled-r{self.rank}" + ("" if self.method is Method.sink else f"-{self.method.value}")
                 + ("" if self.target == "o" else f"-{self.target.replace('+', '_')}")
                 + ("-nobias" if not self.bias and self.method is not Method.distill else ""))
-
-
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass

@@ -51,7 +51,8 @@ def find_sinks(base_model, batch: dict[str, Tensor], ratio: float) -> Tensor:
     """(B, T) bool: tokens that are massive activations at any layer of the BASE model, where it parks
     attention (usually the first real token). Not in the prefix model: the prefix takes that role over,
     which is exactly why those tokens change so much."""
-    out = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    out = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                     logits_to_keep=1)
     return sinks_in(out.hidden_states[1:], batch, ratio)
 
 
