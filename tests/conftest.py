@@ -82,3 +82,13 @@ def one_thread():
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only where torch sees a CUDA device; the CPU tests cover the same code."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

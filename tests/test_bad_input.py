@@ -201,6 +201,15 @@ CASES = [
          r"target: unknown or repeated module kind 'zz'"),
     Case("compile-fit-positions", "compile", ("ckpt=<PREFIX>", "fit_positions=middle"),
          r"fit_positions: invalid value 'middle', expected one of \[content, all, last\]"),
+    Case("compile-device-tpu", "compile", ("ckpt=<PREFIX>", "device=tpu"),
+         r"device: unknown device 'tpu'; use auto, cpu, cuda or cuda:<index>"),
+    Case("compile-dtype-int8", "compile", ("ckpt=<PREFIX>", "dtype=int8"),
+         r"dtype: unknown dtype 'int8'; use one of float32, float16, bfloat16, or null"),
+    Case("compile-memory-zero", "compile", ("ckpt=<PREFIX>", "memory_gb=0"), r"memory_gb: must be a positive number"),
+    # --- more than the machine has: said before the fit, naming the settings that shrink it
+    Case("compile-memory-short", "compile", ("ckpt=<PREFIX>", "memory_gb=0.001"),
+         r"calib_size: the compile needs [\d.]+ GB beside the model: calibration caches [\d.]+ GB \([\d,]+ tokens, "
+         r"on cpu\).*and 0\.00 GB is free on cpu; lower calib_size or calib_max_length"),
     Case("evaluate-analysis-foo", "evaluate", ("ckpt=<LORA>", "analysis=foo"),
          r"analysis=foo: no such analysis option; use one of equivalence, interpolate, task_vector$"),
     Case("evaluate-precision-fp8", "evaluate", ("ckpt=<LORA>", "analysis=task_vector", "analysis.precision=fp8"),
