@@ -233,7 +233,8 @@ def main() -> None:
     ap.add_argument("--baseline", help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.baseline:
-        return baseline(args.baseline)
+        baseline(args.baseline)
+        return
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
                             if args.threads else {})}
     root = args.work or Path(tempfile.mkdtemp(prefix="compile-scale-"))

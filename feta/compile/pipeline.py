@@ -43,6 +43,8 @@ log = logging.getLogger("feta")
 
 # Calibration examples per micro-batch.
 MICRO_BATCH = 32
+# Held-out examples per forward of the measures, which keep every layer's hidden states of two models.
+MEASURE_BATCH = 8
 # Held-out inputs the merged model's logits are checked on.
 MERGE_CHECK = 16
 # method=sink needs the first token to be the sink in (nearly) every sequence.
@@ -59,26 +61,35 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _hidden(model, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """Every layer's output (B, T, d) at the input's own positions."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                logits_to_keep=1)
+    return tuple(input_positions(x, batch["input_ids"]) for x in out.hidden_states[1:])
+
+
 @torch.no_grad()
 def layer_residuals(base_model, prefix_model, compiled_model, batches: list[dict[str, Tensor]], sink_ratio: float) -> dict:
     """Per-layer relative residuals ‖h_compiled − h_prefix‖ / ‖h_prefix − h_base‖ (0 = the prefix
     reproduced, 1 = no better than the base model) at the scored positions ("last"), over content tokens
     (no sinks), and over all tokens, pooled over held-out micro-batches. The all-token figure is dominated
-    by the attention sink's change, so reports lead with the scored positions."""
+    by the attention sink's change, so reports lead with the scored positions. Two models' hidden states
+    are held at a time: the base model's go before the compiled model runs."""
     sums = {}  # (selection, layer) -> [‖h_compiled − h_prefix‖², ‖h_prefix − h_base‖²]
     for batch in batches:
-        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True,
-              "logits_to_keep": 1}
-        h = {k: torch.stack([input_positions(x, batch["input_ids"]) for x in m(**kw).hidden_states[1:]])
-             for k, m in (("base", base_model), ("prefix", prefix_model), ("compiled", compiled_model))}  # (L, B, T, d)
+        h_base = _hidden(base_model, batch)
         mask = batch["attention_mask"].bool()
-        sinks = sinks_in(h["base"], batch, sink_ratio)  # as in the fit (see find_sinks)
-        for key, sel in (("last", batch["scored"]), ("content", mask & ~sinks), ("all", mask)):
-            for layer in range(h["base"].shape[0]):
-                num = (h["compiled"][layer] - h["prefix"][layer])[sel].double().pow(2).sum()
-                den = (h["prefix"][layer] - h["base"][layer])[sel].double().pow(2).sum()
-                acc = sums.setdefault((key, layer), [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + float(num), acc[1] + float(den)
+        sinks = sinks_in(h_base, batch, sink_ratio)  # as in the fit (see find_sinks)
+        selections = {"last": batch["scored"], "content": mask & ~sinks, "all": mask}
+        h_prefix = _hidden(prefix_model, batch)
+        for key, sel in selections.items():
+            for layer, (p, b) in enumerate(zip(h_prefix, h_base)):
+                sums.setdefault((key, layer), [0.0, 0.0])[1] += float((p - b)[sel].double().pow(2).sum())
+        del h_base
+        h_compiled = _hidden(compiled_model, batch)
+        for key, sel in selections.items():
+            for layer, (c, p) in enumerate(zip(h_compiled, h_prefix)):
+                sums[key, layer][0] += float((c - p)[sel].double().pow(2).sum())
     n_layers = 1 + max(layer for _, layer in sums)
     return {key: [(sums[key, l][0] / max(sums[key, l][1], 1e-60)) ** 0.5 for l in range(n_layers)]
             for key in ("last", "content", "all")}
@@ -195,8 +206,8 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
     _warn_absolute_positions(source, base)
     start = time.perf_counter()
     calibration = calibrate(source, tokenizer, spec)
-    held_out = _to(micro_batches(calibration.held_out, MICRO_BATCH), device)
-    need = memory.plan(base, micro_batches(calibration.fit, MICRO_BATCH), micro_batches(calibration.held_out, MICRO_BATCH),
+    held_out = _to(micro_batches(calibration.held_out, MEASURE_BATCH), device)
+    need = memory.plan(base, micro_batches(calibration.fit, MICRO_BATCH), micro_batches(calibration.held_out, MEASURE_BATCH),
                        spec, source.virtual_tokens, device)
     log.info(f"compile on {device} in {str(dtype).removeprefix('torch.')}: needs {need.describe()}")
     cm, stats, positions = _fit(base, source, calibration, spec, device, need.store, _precision(dtype, device))
@@ -208,7 +219,7 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
     with runs.atomic_dir(out_dir) as tmp:
         cm.lora.save_pretrained(str(tmp / runs.ADAPTER))
         if merge_dtype is not None:
-            check = {k: v[:MERGE_CHECK] for k, v in held_out[0].items() if k in ("input_ids", "attention_mask")}
+            check = {k: calibration.held_out[k][:MERGE_CHECK].to(device) for k in ("input_ids", "attention_mask")}
             merged, diff = merge_in_place(cm.lora, merge_dtype, check)
             with runs.atomic_dir(tmp / "merged") as merged_dir:
                 merged.save_pretrained(str(merged_dir), safe_serialization=True)
