@@ -13,9 +13,10 @@ from peft import AdaptionPromptConfig, LoraConfig, PrefixTuningConfig, get_peft_
 
 from feta.adapters import compiled_lora_config
 from feta.compile import CompileSpec
-from feta.compile import sequential
-from feta.compile.fit import LstsqStats, reduced_rank_fit, target_modules
+from feta.compile import layers, memory, sequential
+from feta.compile.fit import LstsqStats, numbered_modules, reduced_rank_fit, target_modules
 from feta.compile.sequential import fit_sequential
+from feta.compile.spec import LAYER
 from feta.compile.tokens import detect_sinks, micro_batches
 from feta.compile.views import CompileModel, View
 from feta.data import last_real_token
@@ -313,3 +314,21 @@ def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monke
         else:  # mlp: the content rows and every sink row, whose target is zero
             assert x.shape[1] == 256 and len(w) == n_content + n_sinks and (w == 1).all()
             assert int((target.abs().sum(1) == 0).sum()) == n_sinks
+
+
+@pytest.mark.parametrize("model_name", ["gpt2_tiny", "llama_tiny"])
+def test_the_memory_plan_covers_the_caches_the_fit_holds(model_name, tmp_path):
+    """What the compile says it needs before it starts: its calibration caches are at least what the two
+    caught streams and the source's attention outputs take, and not more than half as much again."""
+    base, tok = _tiny(model_name)
+    arch = to_spec(compose_cfg("train", [f"model={model_name}"]), "model").arch
+    source = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    batches = micro_batches(_batch(tok, [f"Review: a {'very ' * k}good film\nSentiment:" for k in range(40)]), 8)
+    cm = CompileModel(base, _saved(source, tmp_path), "PREFIX_TUNING",
+                      compiled_lora_config(2, list(target_modules(base, arch, "o")), True, arch))
+    need = memory.plan(cm.model, batches, batches, CompileSpec(method="lstsq"), 4, torch.device("cpu"))
+    first = cm.model.get_submodule(numbered_modules(cm.model, LAYER[arch], arch)[0])
+    compiled, src = (layers.catch(view, first, batches, "cpu") for view in (cm.compiled, cm.source))
+    held = compiled.nbytes() + src.nbytes() + sum(h.numel() * h.element_size() for h in compiled.hidden)
+    assert held <= need.caches <= 1.5 * held, (held, need.caches)
+    assert need.store == "cpu" and need.tokens == sum(b["input_ids"].numel() for b in batches)

@@ -13,6 +13,7 @@ One model is held: the source and the compiled LoRA are views of it (feta/compil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, NamedTuple
 
@@ -70,29 +71,31 @@ def fit_sequential(cm: CompileModel, batches: list[dict[str, Tensor]], weights: 
         # 1. The source's layer i: the targets, then its outputs as its next inputs.
         p_in = list(src.hidden) if spec.match is Match.stream else None
         p_attn, p_mlp = [], []
-        with cm.source_mode(), layers.hooked(model.get_submodule(attn_names[i]), post=lambda m, a, o: p_attn.append(o.to(store))), \
-                layers.hooked(model.get_submodule(mlp_names[i]),
-                              post=(lambda m, a, o: p_mlp.append(o.to(store))) if "mlp" in kinds else None):
-            for j in range(len(batches)):
-                src.hidden[j] = layers.run(layer, src, j, device, cm.layer_cache(i)).to(store)
+        keep_mlp = (lambda m, a, o: p_mlp.append(o.to(store))) if "mlp" in kinds else None
+        with cm.source_mode():  # entered first: a gated prefix's wrapper is the attention module to hook
+            with layers.hooked(model.get_submodule(attn_names[i]), post=lambda m, a, o: p_attn.append(o.to(store))), \
+                    layers.hooked(model.get_submodule(mlp_names[i]), post=keep_mlp):
+                for j in range(len(batches)):
+                    src.hidden[j] = layers.run(layer, src, j, device, cm.layer_cache(i)).to(store)
         # 2. The layer's fits, in forward order.
-        targets = Targets(p_in, p_attn, p_mlp)
+        targets, edits = Targets(p_in, p_attn, p_mlp), []
         for name, kind in fits:
             module = model.get_submodule(name)
             if kind == "sink":
-                stats[name] = _fit_sink(module, layer, comp, batches, sink, i)
+                stats[name], u = _fit_sink(module, layer, comp, batches, sink, i)
+                edits.append((module, u, stats[name]))
             else:
                 stats[name] = _fit_closed_form(module, kind, layer, model.get_submodule(attn_names[i]), comp, targets,
                                                batches, weights, sinks, spec)
         # 3. The compiled layer i on the fitted weights; the sink edit's leak is read on the way.
-        checks = [(name, stats[name]) for name, kind in fits if kind == "sink"]
         for j in range(len(batches)):
-            with _leak_check(model, checks, batches[j]["attention_mask"]):
+            with contextlib.ExitStack() as stack:
+                for attn, u, record in edits:
+                    stack.enter_context(layers.hooked(attn, pre=_leak_check(u, record, batches[j]["attention_mask"]),
+                                                      with_kwargs=True))
                 comp.hidden[j] = layers.run(layer, comp, j, device).to(store)
         _log_layer(bar, i, {name: stats[name] for name, _ in fits})
     bar.close()
-    for record in stats.values():
-        record.pop("_u", None)
     return stats
 
 
@@ -141,8 +144,9 @@ def _fit_closed_form(module: torch.nn.Module, kind: str, layer: torch.nn.Module,
 
 
 def _fit_sink(attn: torch.nn.Module, layer: torch.nn.Module, comp: layers.Stream, batches: list[dict[str, Tensor]],
-              plan: SinkPlan, i: int) -> dict[str, Any]:
-    """Layer i's sink edit: rank-1 LoRAs on k_proj and v_proj, from every micro-batch's rows."""
+              plan: SinkPlan, i: int) -> tuple[dict[str, Any], Tensor]:
+    """Layer i's sink edit: rank-1 LoRAs on k_proj and v_proj, from every micro-batch's rows; its record
+    (the leak filled in as the compiled layer runs) and its direction u."""
     device = batches[0]["input_ids"].device
     pk, pv = plan.prefix_kv[i]
     acc = LayerStats(pk, pv, attn.scaling)
@@ -157,34 +161,21 @@ def _fit_sink(attn: torch.nn.Module, layer: torch.nn.Module, comp: layers.Stream
     dk, dv, u, record = acc.solve()
     write_lora(attn.k_proj, u[None], dk[:, None], None)
     write_lora(attn.v_proj, u[None], dv[:, None], None)
-    return {**record, "_u": u, "leak_max": 0.0, "sink_gain_min": float("inf")}
+    return {**record, "leak_max": 0.0, "sink_gain_min": float("inf")}, u
 
 
-class _leak_check:
-    """While the compiled layer runs on a micro-batch, each sink edit's largest |uᵀx| on a later input and
-    smallest uᵀx on the first token (sink.leak), pooled into its record."""
+def _leak_check(u: Tensor, record: dict[str, Any], mask: Tensor):
+    """A pre-hook for the attention module: on this micro-batch, the sink edit's largest |uᵀx| on a later
+    input and smallest uᵀx on the first token (sink.leak), pooled into `record`."""
+    later = mask.bool().clone()
+    later[:, 0] = False
 
-    def __init__(self, model: torch.nn.Module, checks: list[tuple[str, dict]], mask: Tensor) -> None:
-        self.model, self.checks, self.mask = model, checks, mask.bool()
-
-    def __enter__(self):
-        def check(record):
-            def hook(module, args, kwargs):
-                x = kwargs["hidden_states"]
-                later = self.mask.clone()
-                later[:, 0] = False
-                found = leak(record["_u"], x[later], x[:, 0])
-                record["leak_max"] = max(record["leak_max"], found["leak_max"])
-                record["sink_gain_min"] = min(record["sink_gain_min"], found["sink_gain_min"])
-            return hook
-
-        self.handles = [self.model.get_submodule(name).register_forward_pre_hook(check(record), with_kwargs=True)
-                        for name, record in self.checks]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
+    def hook(module, args, kwargs):
+        x = kwargs["hidden_states"]
+        found = leak(u, x[later], x[:, 0])
+        record["leak_max"] = max(record["leak_max"], found["leak_max"])
+        record["sink_gain_min"] = min(record["sink_gain_min"], found["sink_gain_min"])
+    return hook
 
 
 def _log_layer(bar, i: int, fits: dict[str, dict]) -> None:
