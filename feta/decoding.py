@@ -1,4 +1,4 @@
-"""Batched greedy decoding with the KV cache, alike for a transformers CausalLM and PEFT prefix, prompt,
+"""Batched greedy (or sampled) decoding with the KV cache, alike for a transformers CausalLM and PEFT prefix, prompt,
 LoRA (merged or not) and IA3 models.
 
 PEFT's `generate()` silently drops a prefix-tuning prefix (it puts the prefix in `past_key_values`, and
@@ -168,11 +168,30 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     `attention_mask` marks real tokens (1); rows may be left- or right-padded. Runs in eval mode.
     `forward_kwargs` go to every forward, e.g. PEFT's `adapter_names` (one LoRA per row).
     """
+    return _decode(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                   lambda logits: logits.argmax(-1), forward_kwargs)
+
+
+def sample_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  max_new_tokens: int, eos_token_id: int | None, pad_token_id: int, temperature: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """As greedy_decode, with each token drawn from the softmax of the logits / `temperature` (seeded by
+    `generator`, on the model's device)."""
+    check_positive("temperature", temperature, what="number")
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
+
+    return _decode(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, draw, {})
+
+
+def _decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+            eos_token_id: int | None, pad_token_id: int, pick, forward_kwargs: dict[str, Any]) -> torch.Tensor:
     check_positive("data.max_new_tokens", max_new_tokens)
     ids, mask = left_align(input_ids, attention_mask)
     lengths = mask.sum(1)
     if bool((lengths == 0).any()):
-        raise ValueError("a prompt has no tokens; greedy decoding needs at least one to condition on")
+        raise ValueError("a prompt has no tokens; decoding needs at least one to condition on")
     check_room(model, ids.size(1), max_new_tokens)
     lm = CachedLM(model, **forward_kwargs)
     batch = ids.size(0)
@@ -184,7 +203,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         full_mask = torch.cat([mask.new_ones(batch, lm.virtual), mask], dim=1)
         next_pos = (lengths + lm.virtual).unsqueeze(1)  # virtual tokens take positions 0..m-1
         for t in range(max_new_tokens):
-            token = logits.argmax(-1).masked_fill(done, pad_token_id)
+            token = pick(logits).masked_fill(done, pad_token_id)
             out[:, t] = token
             if eos_token_id is not None:
                 done |= token == eos_token_id

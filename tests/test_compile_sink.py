@@ -144,3 +144,25 @@ def test_sink_falls_back_without_a_sink_and_says_so(arch, llama_prefix_run, pref
     assert rec["method"] == "sink" and plain["method"] == "lstsq"
     assert reason in rec["fit_stats"]["sink"]["fallback"]
     assert rec["residual_last_mean"] == plain["residual_last_mean"]
+
+
+def test_a_compile_that_barely_moves_says_so_in_one_line(llama_prefix_run, tmp_path, caplog):
+    """A ridge a million times the inputs' scale shrinks the closed form to ~0: the compiled model is the base
+    model, and the compile ends with one warning naming both agreements and what to try; the default fit
+    does not warn. (target=none where no sink applies would fit nothing at all: refused up front.)"""
+    with pytest.raises(ValueError, match=r"target=none: method=sink cannot apply .*; set target=o"):
+        compile_prefix(compile_cfg(llama_prefix_run, "method=sink", "target=none", f"out_dir={tmp_path / 'n'}"))
+    assert not (tmp_path / "n").exists()
+    with caplog.at_level("WARNING", logger="feta"):
+        rec = compile_prefix(compile_cfg(llama_prefix_run, "method=lstsq", "bias=false", "ridge=1e6",
+                                         f"out_dir={tmp_path / 'r'}"))
+    nt = rec["next_token"]
+    assert abs(nt["agreement"] - nt["base_agreement"]) <= 1 / nt["positions"] and nt["base_agreement"] < 0.99
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "feta"]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert f"next-token agreement {nt['agreement']:.3f}, the base model's {nt['base_agreement']:.3f}" in lines[0]
+    assert "preset=faithful" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="feta"):
+        compile_prefix(compile_cfg(llama_prefix_run, "method=lstsq", f"out_dir={tmp_path / 'l'}"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name == "feta"]

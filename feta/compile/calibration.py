@@ -5,6 +5,11 @@ examples and the first `eval_size` validation examples. From a prompt file (`cal
 its prompts (at most `eval_size`) held out, and at most `calib_size` of the rest; every prompt is scored
 at its last token, the next token it predicts. Both give batches in the format the fit uses
 (feta.compile.tokens.BATCH_KEYS, right-padded).
+
+What follows a calibration prompt (`calib_decode`): the data's own target (`reference`; a prompt file has
+none), or the source adapter's own continuation, greedy or sampled at `calib_temperature`, which is what
+the model sees when it decodes; `mix` gives a seeded half of the prompts their reference and the other
+half a sampled continuation. A decoded continuation is scored at every one of its tokens, as a target.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import torch
 from torch import Tensor
 
 from feta.compile.source import CompileSource
-from feta.compile.spec import CompileSpec
-from feta.data import TaskDataModule, encode_prompts, seeded_subset
+from feta.compile.spec import CalibDecode, CompileSpec
+from feta.data import IGNORE, TaskDataModule, encode_continuations, encode_prompts, seeded_subset
+from feta.decoding import greedy_decode, sample_decode
+from feta.errors import UserError
 
 # Share of a prompt file held out (at most eval_size); the split has its own seed, so that calib_seed
 # changes only which prompts calibrate, never which ones measure.
@@ -26,6 +33,10 @@ HOLD_OUT = 0.2
 HOLD_OUT_SEED = 0
 # Tokens a held-out or distillation prompt keeps (the end of a longer one), as a task's default data.max_length.
 PROMPT_MAX_LENGTH = 128
+# Tokens a decoded continuation of a prompt file's prompt may take, by default.
+PROMPT_NEW_TOKENS = 32
+# Prompts decoded at once.
+DECODE_BATCH = 32
 
 
 @dataclass
@@ -41,34 +52,109 @@ class Calibration:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def calibration_batches(datamodule: TaskDataModule, spec: CompileSpec, seed: int) -> tuple[dict, dict]:
+def calibration_batches(datamodule: TaskDataModule, spec: CompileSpec, seed: int, adapted=None) -> tuple[dict, dict]:
     """A seeded sample of the task's training examples (the fit; for generation prompt + reference target,
-    teacher-forced) and the first validation examples (held out for the residuals)."""
+    teacher-forced, or + the `adapted` model's own continuation, per calib_decode) and the first validation
+    examples (held out for the residuals)."""
     datamodule.setup()
     # Seeded apart from the training subset's permutation.
     calib = seeded_subset(datamodule.splits["train"], spec.calib_size, 1000 + seed + spec.calib_seed)
     task = datamodule.task
-    held_out = datamodule.splits["validation"][: spec.eval_size]
-    return task.encode(calib, spec.calib_max_length), task.encode(held_out)
+    held_out = task.encode(datamodule.splits["validation"][: spec.eval_size])
+    if spec.calib_decode is CalibDecode.reference:
+        return task.encode(calib, spec.calib_max_length), held_out
+    if task.kind.value != "generation":
+        raise UserError(f"calib_decode={spec.calib_decode.value}", f"applies to generation tasks and prompt files; "
+                        f"data={task.spec.name} is {task.kind.value}: its class is read at the prompt's last token, "
+                        "before any continuation", "drop calib_decode (reference is the default)")
+    tok = task.tokenizer
+    prompts = [tok(task.prompt(ex), add_special_tokens=True)["input_ids"] for ex in calib]
+    references = [tok(task.target(ex), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for ex in calib]
+    new_tokens = spec.calib_new_tokens or task.spec.max_new_tokens
+    targets = _decoded(adapted, tok, prompts, references, spec, new_tokens, seed)
+    return encode_continuations(tok, prompts, targets, spec.calib_max_length or task.spec.max_length), held_out
 
 
-def calibrate(source: CompileSource, tokenizer, spec: CompileSpec) -> Calibration:
-    """The source's calibration and held-out batches, from its task or its prompt file."""
+def _decoded(adapted, tokenizer, prompts: list[list[int]], references: list[list[int]] | None, spec: CompileSpec,
+             new_tokens: int, seed: int) -> list[list[int] | None]:
+    """Per prompt, the continuation calib_decode asks for: the adapted model's greedy or sampled tokens (up
+    to and with its EOS), or, for `mix`, its reference on a seeded half (None where a prompt file has none)."""
+    if adapted is None:
+        raise ValueError(f"calib_decode={spec.calib_decode.value} needs the source adapter to decode with")
+    mode = spec.calib_decode
+    keep_reference = torch.zeros(len(prompts), dtype=torch.bool)
+    if mode is CalibDecode.mix:
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(2000 + seed + spec.calib_seed))
+        keep_reference[order[: len(prompts) // 2]] = True
+    rows = [i for i in range(len(prompts)) if not keep_reference[i]]
+    device = next(adapted.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(3000 + seed + spec.calib_seed)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    out: list[list[int] | None] = [references[i] if references is not None else None for i in range(len(prompts))]
+    rows.sort(key=lambda i: len(prompts[i]))  # batches of similar length
+    for start in range(0, len(rows), DECODE_BATCH):
+        chunk = rows[start:start + DECODE_BATCH]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.tensor([prompts[i] + [pad] * (width - len(prompts[i])) for i in chunk], device=device)
+        mask = torch.tensor([[1] * len(prompts[i]) + [0] * (width - len(prompts[i])) for i in chunk], device=device)
+        if mode is CalibDecode.greedy:
+            generated = greedy_decode(adapted, ids, mask, new_tokens, eos, pad)
+        else:
+            generated = sample_decode(adapted, ids, mask, new_tokens, eos, pad, spec.calib_temperature, generator)
+        for i, row in zip(chunk, generated.tolist()):
+            out[i] = row[: row.index(eos) + 1] if eos in row else row
+    return out
+
+
+def calibrate(source: CompileSource, tokenizer, spec: CompileSpec, adapted=None) -> Calibration:
+    """The source's calibration and held-out batches, from its task or its prompt file; `adapted` (the
+    source as a PEFT model) decodes the continuations calib_decode asks for."""
     if source.prompts is not None:
-        return _prompt_file(source.prompts, tokenizer, spec, source.seed)
+        return _prompt_file(source.prompts, tokenizer, spec, source.seed, adapted)
     dm = TaskDataModule(source.data, tokenizer, seed=source.seed)
-    fit, held_out = calibration_batches(dm, spec, source.seed)
+    fit, held_out = calibration_batches(dm, spec, source.seed, adapted)
     return Calibration(fit, held_out, dm.splits["train"], dm.collate, getattr(dm.task, "verbalizer_ids", None),
-                       dm.task.kind.value)
+                       dm.task.kind.value, _decode_record(fit, spec))
 
 
-def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int) -> Calibration:
+def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int, adapted) -> Calibration:
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(HOLD_OUT_SEED)).tolist()
     n_held = min(spec.eval_size, max(1, round(HOLD_OUT * len(prompts))))
     held_out = [prompts[i] for i in order[:n_held]]
     rest = [prompts[i] for i in order[n_held:]]
     calib = seeded_subset(rest, spec.calib_size, 1000 + seed + spec.calib_seed)
-    record = {"prompts": len(prompts), "held_out": n_held, "calibration": len(calib)}
-    return Calibration(encode_prompts(tokenizer, calib, spec.calib_max_length or PROMPT_MAX_LENGTH),
-                       encode_prompts(tokenizer, held_out, PROMPT_MAX_LENGTH), calib,
+    max_length = spec.calib_max_length or PROMPT_MAX_LENGTH
+    fit = encode_prompts(tokenizer, calib, max_length)
+    if spec.calib_decode is not CalibDecode.reference:
+        ids = [row[mask.bool()].tolist() for row, mask in zip(fit["input_ids"], fit["attention_mask"])]
+        targets = _decoded(adapted, tokenizer, ids, None, spec, spec.calib_new_tokens or PROMPT_NEW_TOKENS, seed)
+        alone = [i for i, t in enumerate(targets) if not t]  # mix: a prompt alone, scored at its last token
+        decoded = [i for i, t in enumerate(targets) if t]
+        parts = [encode_continuations(tokenizer, [ids[i] for i in decoded], [targets[i] for i in decoded],
+                                      max_length + max(len(targets[i]) for i in decoded))]
+        if alone:
+            parts.append({k: v[alone] for k, v in fit.items()})
+        fit = _stack(parts, tokenizer.pad_token_id)
+    record = {"prompts": len(prompts), "held_out": n_held, "calibration": len(calib), **_decode_record(fit, spec)}
+    return Calibration(fit, encode_prompts(tokenizer, held_out, PROMPT_MAX_LENGTH), calib,
                        partial(encode_prompts, tokenizer, max_length=PROMPT_MAX_LENGTH), None, "prompts", record)
+
+
+def _stack(batches: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded batches with the same keys, as one (rows in order)."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE, "scored": False}
+    keys = set.intersection(*(set(b) for b in batches))
+    def pad(t: Tensor, value) -> Tensor:
+        return torch.cat([t, torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)], 1)
+
+    return {k: torch.cat([pad(b[k], fill[k]) for b in batches]) for k in keys}
+
+
+def _decode_record(fit: dict[str, Tensor], spec: CompileSpec) -> dict[str, Any]:
+    record: dict[str, Any] = {"decode": spec.calib_decode.value}
+    if spec.calib_decode in (CalibDecode.sample, CalibDecode.mix):
+        record["temperature"] = spec.calib_temperature
+    record["scored_tokens"] = int(fit["scored"].sum())
+    return record

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from feta import runs
-from feta.adapters import compiled_lora_config, merge_in_place
+from feta.adapters import compiled_lora_config, load_adapter, merge_in_place
 from feta.compile import memory
 from feta.compile.calibration import Calibration, calibrate
 from feta.compile.distill import distill
@@ -32,9 +32,9 @@ from feta.compile.fit import target_modules
 from feta.compile.sequential import SinkPlan, fit_sequential
 from feta.compile.sink import supports as sink_supports
 from feta.compile.source import CompileSource, check_shapes
-from feta.compile.spec import CompileSpec, Method
+from feta.compile.spec import CalibDecode, CompileSpec, Method
 from feta.compile.tokens import find_sinks, fit_weights, micro_batches, sinks_in
-from feta.compile.views import CompileModel
+from feta.compile.views import GATED, CompileModel
 from feta.errors import UserError
 from feta.models import load_base_model
 from feta.scoring import input_positions
@@ -49,6 +49,9 @@ MEASURE_BATCH = 8
 MERGE_CHECK = 16
 # method=sink needs the first token to be the sink in (nearly) every sequence.
 SINK_AT_START = 0.9
+# A compile recovers "clearly" when it closes at least this share of the gap between the base model's
+# next-token agreement with the source and full agreement.
+CLEARLY_ABOVE = 0.1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,6 +145,9 @@ def _fit(base, source: CompileSource, calibration: Calibration, spec: CompileSpe
         reason, share = _sink_fallback(source, sinks)
         stats["sink"] = {"fallback": reason, "sink_at_start": share} if reason else {"sink_at_start": share}
         kv = [] if reason else list(target_modules(base, arch, "k+v"))
+        if reason and not names:
+            raise UserError("target=none", f"method=sink cannot apply ({reason}), and target=none leaves nothing "
+                            "else to fit", "set target=o")
     cm = CompileModel(base, source.adapter_dir, source.peft_type, compiled_lora_config(spec.rank, names + kv, spec.bias, arch, kv))
     if spec.method is not Method.distill:
         plan = None
@@ -205,7 +211,11 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
     _check_rank(base, names, spec)
     _warn_absolute_positions(source, base)
     start = time.perf_counter()
-    calibration = calibrate(source, tokenizer, spec)
+    adapted = _decoder(base, source, spec)
+    calibration = calibrate(source, tokenizer, spec, adapted)
+    if adapted is not None and source.peft_type == GATED:
+        adapted.base_model.disable_adapter_layers()  # its wrappers out of `base` again
+    del adapted
     held_out = _to(micro_batches(calibration.held_out, MEASURE_BATCH), device)
     need = memory.plan(base, micro_batches(calibration.fit, MICRO_BATCH), micro_batches(calibration.held_out, MEASURE_BATCH),
                        spec, source.virtual_tokens, device)
@@ -228,7 +238,27 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
                             "caches_on": need.store, **memory.peak()}
         runs.write_json(tmp / runs.COMPILE, record)
     log.info(f"peak memory: {record['memory']}")
+    _warn_if_unfaithful(record["next_token"])
     return record
+
+
+def _warn_if_unfaithful(agree: dict[str, float]) -> None:
+    """One warning line when the compiled model predicts the source's next token barely more often than
+    the base model does (where the source changes anything at all)."""
+    gap = 1.0 - agree["base_agreement"]
+    if gap > 0.01 and agree["agreement"] - agree["base_agreement"] < CLEARLY_ABOVE * gap:
+        log.warning(f"the compiled model barely follows its source: next-token agreement {agree['agreement']:.3f}, "
+                    f"the base model's {agree['base_agreement']:.3f}; try method=sink where the source has "
+                    "key/value slots, a larger rank or calib_size, or preset=faithful")
+
+
+def _decoder(base, source: CompileSource, spec: CompileSpec):
+    """The source adapter as a PEFT model on `base`, for calib_decode to decode with (None: not needed).
+    A prompt-learning wrapper leaves `base` as it was; a gated prefix's wrappers must be swapped out again
+    once the calibration is decoded (CompileModel swaps them in for its source view alone)."""
+    if spec.calib_decode is CalibDecode.reference:
+        return None
+    return load_adapter(base, source.adapter_dir).eval().to(next(base.parameters()).device)
 
 
 def _weights(cm: CompileModel) -> float:

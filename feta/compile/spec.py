@@ -41,6 +41,13 @@ class Method(str, Enum):
     lstsq_distill = "lstsq+distill"  # the closed form, then gradient steps
 
 
+class CalibDecode(str, Enum):
+    reference = "reference"  # the data's own targets (a prompt file: the prompts alone)
+    greedy = "greedy"  # the source's greedy continuations of the calibration prompts
+    sample = "sample"  # its continuations sampled at calib_temperature
+    mix = "mix"  # a seeded half of the prompts with their references, the other half sampled
+
+
 class FitPositions(str, Enum):
     content = "content"  # every real token but the attention sinks
     all = "all"
@@ -101,6 +108,12 @@ class CompileSpec:
     memory_gb: float | None = field(default=None, metadata={
         "help": "Memory the compile may use on its device beside the model (GB); null = what is free. The "
                 "calibration caches go to the CPU when they do not fit on an accelerator."})
+    calib_decode: CalibDecode = field(default=CalibDecode.reference, metadata={
+        "help": "What follows each calibration prompt (generation tasks, prompt files): reference | greedy | "
+                "sample | mix; greedy and sample are the source adapter's own continuations."})
+    calib_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of calib_decode=sample|mix."})
+    calib_new_tokens: int | None = field(default=None, metadata={
+        "help": "Tokens a decoded continuation may take; null = the task's data.max_new_tokens (prompt files: 32)."})
     eval_size: int = field(default=128, metadata={"help": "Held-out validation examples for the residuals."})
     distill_steps: int = field(default=100, metadata={"help": "Gradient steps for the distill methods."})
     distill_lr: float = field(default=3e-4, metadata={"help": "Learning rate for distillation."})
@@ -110,6 +123,7 @@ class CompileSpec:
 
     def __post_init__(self) -> None:
         for key, choices in (("method", Method), ("fit_positions", FitPositions), ("match", Match),
+                             ("calib_decode", CalibDecode),
                              ("distill_schedule", Schedule), ("distill_hidden", DistillHidden)):
             setattr(self, key, as_choice(key, getattr(self, key), choices))
         kinds = self.target.split("+")
@@ -140,7 +154,8 @@ class CompileSpec:
         for key in ("calib_size", "eval_size", "distill_batch_size", "distill_steps"):
             check_positive(key, getattr(self, key))
         check_positive("calib_max_length", self.calib_max_length, allow_none=True)
-        for key in ("last_weight", "distill_lr"):
+        check_positive("calib_new_tokens", self.calib_new_tokens, allow_none=True)
+        for key in ("last_weight", "distill_lr", "calib_temperature"):
             check_positive(key, getattr(self, key), what="number")
         check_positive("memory_gb", self.memory_gb, allow_none=True, what="number")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):

@@ -8,10 +8,10 @@
 from feta.data.datamodule import TaskDataModule, seeded_subset
 from feta.data.files import read_file, read_splits
 from feta.data.spec import DataSource, DataSpec, TaskKind
-from feta.data.tasks import (IGNORE, ClassificationTask, GenerationTask, Task, encode_prompts, last_real_token,
-                             make_task)
+from feta.data.tasks import (IGNORE, ClassificationTask, GenerationTask, Task, encode_continuations, encode_prompts,
+                             last_real_token, make_task)
 
 __all__ = [
     "IGNORE", "ClassificationTask", "DataSource", "DataSpec", "GenerationTask", "Task", "TaskDataModule", "TaskKind",
-    "encode_prompts", "last_real_token", "make_task", "read_file", "read_splits", "seeded_subset",
+    "encode_continuations", "encode_prompts", "last_real_token", "make_task", "read_file", "read_splits", "seeded_subset",
 ]

@@ -127,28 +127,10 @@ class GenerationTask(Task):
         return self.spec.target_prefix + example[self.spec.target_column]
 
     def encode(self, examples: list[Example], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        max_length = max_length or self.spec.max_length
         tok = self.tokenizer
-        rows, labels = [], []
-        for ex in examples:
-            prompt = tok(self.prompt(ex), add_special_tokens=True)["input_ids"]
-            target = tok(self.target(ex), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids = (prompt + target)[:max_length]
-            if len(prompt) >= len(ids):
-                raise UserError("data.max_length", f"{max_length} tokens leave no room for the target after a "
-                                f"{len(prompt)}-token prompt", "raise data.max_length")
-            # Position t predicts token t+1: the last prompt position predicts the first target token.
-            rows.append(ids)
-            labels.append([IGNORE] * (len(prompt) - 1) + ids[len(prompt):] + [IGNORE])
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), tok.pad_token_id)
-        label_ids = torch.full((len(rows), width), IGNORE)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(zip(rows, labels)):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            label_ids[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids, "scored": label_ids != IGNORE}
+        prompts = [tok(self.prompt(ex), add_special_tokens=True)["input_ids"] for ex in examples]
+        targets = [tok(self.target(ex), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for ex in examples]
+        return encode_continuations(tok, prompts, targets, max_length or self.spec.max_length)
 
     def references(self, examples: list[Example]) -> "OrderedDict[str, list[str]]":
         """Prompt text -> every target given for it, in first-appearance order (E2E: several per input)."""
@@ -163,6 +145,30 @@ class GenerationTask(Task):
         for ex in examples:
             seen.setdefault(self.prompt(ex), ex)
         return list(seen.values())
+
+
+def encode_continuations(tokenizer, prompts: list[list[int]], targets: list[list[int]],
+                         max_length: int) -> dict[str, torch.Tensor]:
+    """A generation batch from token ids: each prompt followed by its target (which ends in EOS, if it has
+    one), cut to `max_length`, right-padded, with the target positions as `labels` and `scored`."""
+    rows, labels = [], []
+    for prompt, target in zip(prompts, targets):
+        ids = (prompt + target)[:max_length]
+        if len(prompt) >= len(ids):
+            raise UserError("data.max_length", f"{max_length} tokens leave no room for the target after a "
+                            f"{len(prompt)}-token prompt", "raise data.max_length")
+        # Position t predicts token t+1: the last prompt position predicts the first target token.
+        rows.append(ids)
+        labels.append([IGNORE] * (len(prompt) - 1) + ids[len(prompt):] + [IGNORE])
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    label_ids = torch.full((len(rows), width), IGNORE)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        label_ids[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids, "scored": label_ids != IGNORE}
 
 
 def make_task(spec: DataSpec, tokenizer) -> ClassificationTask | GenerationTask:
