@@ -218,7 +218,8 @@ def test_a_prompt_file_holds_out_a_seeded_fifth_and_scores_last_tokens(work, tmp
     source = resolve_source(adapter, calib_file=str(work["prompts"]))
     assert len(source.prompts) == N_PROMPTS  # blank lines skipped
     cal = calibrate(source, tok, CompileSpec())
-    assert cal.record == {"prompts": N_PROMPTS, "held_out": 48, "calibration": 192}
+    assert cal.record == {"prompts": N_PROMPTS, "held_out": 48, "calibration": 192, "decode": "reference",
+                          "scored_tokens": 192}  # each prompt alone, scored at its last token
     assert cal.held_out["scored"].sum(1).tolist() == [1] * 48
     last = cal.held_out["attention_mask"].sum(1) - 1
     assert cal.held_out["scored"][torch.arange(48), last].all()
@@ -228,7 +229,8 @@ def test_a_prompt_file_holds_out_a_seeded_fifth_and_scores_last_tokens(work, tmp
     held, fit = texts(cal.held_out), texts(cal.fit)
     assert not held & fit and len(held | fit) == len(set(source.prompts))
     capped = calibrate(source, tok, CompileSpec(eval_size=10, calib_size=50))
-    assert capped.record == {"prompts": N_PROMPTS, "held_out": 10, "calibration": 50}
+    assert {k: capped.record[k] for k in ("prompts", "held_out", "calibration")} == {
+        "prompts": N_PROMPTS, "held_out": 10, "calibration": 50}
     reseeded = calibrate(source, tok, CompileSpec(calib_seed=1))
     # calib_seed never moves the held-out set
     assert torch.equal(reseeded.held_out["input_ids"], cal.held_out["input_ids"])
