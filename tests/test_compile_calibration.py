@@ -85,3 +85,57 @@ def test_decoding_applies_to_generation_and_prompt_files_only(e2e_prefix, work, 
                        "calib_decode=greedy", "calib_new_tokens=5", "eval_size=8", f"out_dir={tmp_path / 'c'}")
     assert rec["calibration"]["decode"] == "greedy"
     assert rec["calibration"]["scored_tokens"] > 16  # a continuation of up to 5 tokens per prompt, not 1
+
+
+# ------------------------------------------------------------------ on-policy distillation
+
+
+def test_cached_teacher_loss_is_zero_at_the_teacher_and_falls_with_steps(tmp_path):
+    """The cached top-k KL is exactly 0 for a student that is its own teacher, and positive for the compiled
+    LoRA at PEFT's zero start; Lightning steps against the cache then lower it."""
+    import copy
+
+    import lightning as L
+
+    from feta.adapters import compiled_lora_config
+    from feta.compile.distill import CachedTeacherModule, teacher_cache
+    from feta.compile.fit import target_modules
+    from feta.compile.tokens import micro_batches
+    from feta.compile.views import CompileModel
+    from tests.test_compile_fit import _saved, tiny_prefix_source
+
+    base, source, batch = tiny_prefix_source()
+    batch = {**batch, "scored": batch["attention_mask"].bool()}  # every token: a continuation's worth of rows
+    cm = CompileModel(copy.deepcopy(base), _saved(source, tmp_path), "PREFIX_TUNING",
+                      compiled_lora_config(4, list(target_modules(base, "gpt2", "o")), False, "gpt2"))
+    batches = micro_batches(batch, 5)
+
+    def loss(cache) -> float:
+        module = CachedTeacherModule(cm.lora, lr=1e-2, schedule="constant", steps=1)
+        module.log_dict = lambda *a, **k: None
+        with torch.no_grad():
+            return sum(float(module.training_step(b, 0)) for b in cache) / len(cache)
+
+    assert loss(teacher_cache(cm.compiled, batches, 20)) < 1e-6
+    cache = teacher_cache(cm.source, batches, 20)
+    before = loss(cache)
+    assert before > 1e-5 and cache[0]["top_ids"].shape == (int(batches[0]["scored"].sum()), 20)
+    assert bool((cache[0]["top_logp"].exp().sum(-1) < 1).all())  # full-vocabulary log-probabilities of the k
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, accelerator="cpu", devices=1)
+    trainer.fit(CachedTeacherModule(cm.lora, lr=1e-2, schedule="constant", steps=30),
+                train_dataloaders=torch.utils.data.DataLoader(cache, batch_size=None, shuffle=True))
+    cm.lora.eval()
+    assert loss(cache) < 0.5 * before, (loss(cache), before)
+
+
+def test_on_policy_preset_distils_on_sampled_continuations(e2e_prefix, tmp_path):
+    source, _, _ = e2e_prefix
+    common = ("model=llama_tiny", "data=e2e", "data.train_limit=40", "data.max_new_tokens=4", "calib_size=8",
+              "eval_size=4")
+    rec = compile_peft(source.ckpt, *common, "preset=on_policy", "distill_steps=3", f"out_dir={tmp_path / 'p'}")
+    assert rec["method"] == "sink+distill" and rec["calibration"]["decode"] == "sample"
+    assert rec["fit_stats"]["distill"]["steps"] == 3 and rec["fit_stats"]["distill"]["data"] == "calibration"
+    closed = compile_peft(source.ckpt, *common, "calib_decode=sample", f"out_dir={tmp_path / 'c'}")
+    assert rec["next_token"] != closed["next_token"]  # the steps moved the closed form's LoRA

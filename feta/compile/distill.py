@@ -1,4 +1,5 @@
-"""Refine a compiled LoRA by distillation from its source prefix (compile methods distill, lstsq+distill).
+"""Refine a compiled LoRA by distillation from its source prefix (compile methods distill, lstsq+distill,
+sink+distill).
 
 The student (the compiled LoRA model) learns the teacher's (the prefix model's) output distribution at
 the scored positions (KL: over the classes' verbalizer scores, or over the vocabulary at each target
@@ -9,6 +10,11 @@ positions (what the task reads) and at all content tokens (what later tokens att
 token is one in ~17), weighted last_weight : 1 (1 = half each; preset=faithful uses 3). Attention
 sinks, detected in the base model as in the closed form, are left out of the content term because their
 change swamps every other token's.
+
+`distill_data=calibration` distils on the calibration set instead, which with `calib_decode=sample` is
+the source's own sampled continuations (on-policy, as in Prompt Baking and GKD): the source's top-k
+log-probabilities at every scored token are computed once (as Cartridges does), and the steps run the
+student alone, against that cache.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from feta.compile.calibration import Calibration
-from feta.compile.spec import CompileSpec, DistillHidden, Schedule
-from feta.compile.tokens import sinks_in
+from feta.compile.spec import CompileSpec, DistillData, DistillHidden, Schedule
+from feta.compile.tokens import micro_batches, sinks_in
 from feta.compile.views import CompileModel
 from feta.scoring import class_log_probs, input_positions, scored_logits
 
@@ -35,7 +41,7 @@ class DistillModule(L.LightningModule):
                  schedule: Schedule | str = Schedule.constant, steps: int = 1, last_weight: float = 1.0,
                  base=None) -> None:
         super().__init__()
-        self.student, self.teacher, self.base = student, teacher, base
+        self.student, self.teacher, self.base = student, teacher, base  # teacher None: CachedTeacherModule
         if isinstance(teacher, torch.nn.Module):
             self.teacher.requires_grad_(False)
         self.verbalizer_ids, self.lr, self.sink_ratio = verbalizer_ids, lr, sink_ratio
@@ -91,21 +97,58 @@ class DistillModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class CachedTeacherModule(DistillModule):
+    """Distillation against a cache (`distill_data=calibration`): at every scored token of a batch, the
+    source's top-k tokens and their log-probabilities, computed once before the steps (the batch's
+    `top_ids`, `top_logp`), against the student's. The loss is the KL divergence between the two
+    distributions over those k tokens and one bucket for the rest of the vocabulary,
+    Σ_k p(k) log(p(k)/q(k)) + p(rest) log(p(rest)/q(rest)): zero exactly where the student gives each of
+    the k tokens, and so the rest, the source's probability. No source forward runs during the steps."""
+
+    def __init__(self, student, lr: float, schedule: Schedule | str, steps: int) -> None:
+        super().__init__(student, None, None, lr, schedule=schedule, steps=steps)
+
+    def training_step(self, batch, batch_idx):
+        logq = F.log_softmax(scored_logits(self.student, batch).float(), -1).gather(1, batch["top_ids"])
+        logp = batch["top_logp"]
+        rest_p, rest_q = (torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-6)) for t in (logp, logq))
+        kl = ((logp.exp() * (logp - logq)).sum(-1) + rest_p.exp() * (rest_p - rest_q)).mean()
+        self.log_dict({"distill/kl": kl}, prog_bar=True)
+        return kl
+
+
+@torch.no_grad()
+def teacher_cache(source, batches: list[dict[str, torch.Tensor]], k: int) -> list[dict[str, torch.Tensor]]:
+    """Each batch with the source's top-k next-token ids and their log-probabilities at its scored positions."""
+    out = []
+    for batch in batches:
+        values, ids = torch.log_softmax(scored_logits(source, batch).float(), -1).topk(k, dim=-1)
+        out.append({**batch, "top_ids": ids, "top_logp": values})
+    return out
+
+
 def distill(cm: CompileModel, calibration: Calibration, spec: CompileSpec, seed: int, device: torch.device,
             precision: str = "32-true") -> dict:
-    """Run `spec.distill_steps` steps on the source's training examples (a task's training split, or a
-    prompt file's calibration prompts) on `device`, in Lightning's `precision`; returns the final losses.
-    One model: the teacher is the student's own base model with the source switched in."""
+    """Run `spec.distill_steps` steps on `device`, in Lightning's `precision`; returns the final losses. One
+    model: the teacher is the student's own base model with the source switched in. `distill_data=train`:
+    the source's training examples (a task's training split, or a prompt file's calibration prompts) against
+    the source's forwards; `calibration`: the calibration batch against the source's cached top-k."""
     L.seed_everything(seed + 2, workers=True, verbose=False)
-    loader = torch.utils.data.DataLoader(
-        calibration.train, batch_size=spec.distill_batch_size, shuffle=True, collate_fn=calibration.collate,
-    )
-    module = DistillModule(cm.lora, cm.source, calibration.verbalizer_ids, spec.distill_lr, spec.distill_hidden,
-                           spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight, base=cm.base)
+    if spec.distill_data is DistillData.calibration:
+        batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches(calibration.fit, spec.distill_batch_size)]
+        loader = torch.utils.data.DataLoader(teacher_cache(cm.source, batches, spec.distill_top_k), batch_size=None,
+                                             shuffle=True)
+        module = CachedTeacherModule(cm.lora, spec.distill_lr, spec.distill_schedule, spec.distill_steps)
+    else:
+        loader = torch.utils.data.DataLoader(calibration.train, batch_size=spec.distill_batch_size, shuffle=True,
+                                             collate_fn=calibration.collate)
+        module = DistillModule(cm.lora, cm.source, calibration.verbalizer_ids, spec.distill_lr, spec.distill_hidden,
+                               spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight, base=cm.base)
     on_gpu = device.type == "cuda"
     trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         accelerator="gpu" if on_gpu else "cpu", devices=[device.index or 0] if on_gpu else 1,
                         precision=precision, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)
     cm.lora.eval()
-    return {"steps": trainer.global_step, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+    return {"steps": trainer.global_step, "data": spec.distill_data.value,
+            **{k: float(v) for k, v in trainer.callback_metrics.items()}}

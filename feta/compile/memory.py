@@ -17,7 +17,7 @@ import psutil
 import torch
 from torch import Tensor
 
-from feta.compile.spec import CompileSpec, Match, Method
+from feta.compile.spec import CompileSpec, Match
 from feta.errors import UserError
 
 GB = 1e9
@@ -57,19 +57,19 @@ def plan(model: torch.nn.Module, batches: list[dict[str, Tensor]], held_out: lis
     item = next(model.parameters()).element_size()
     tokens = sum(b["input_ids"].numel() for b in batches)
     kinds = set(spec.module_kinds)
-    closed = spec.method is not Method.distill
+    closed = spec.closed_form
     # Per token: two streams' inputs, the source's attention output, its MLP output, its layer input.
     per_token = 2 + (1 if closed else 0) + ("mlp" in kinds) + (spec.match is Match.stream)
     masks = sum(2 * b["input_ids"].shape[0] * b["input_ids"].shape[1] * (b["input_ids"].shape[1] + m) * item
                 for b in batches)
-    caches = tokens * width * item * per_token + masks if closed or spec.method is Method.sink else 0.0
+    caches = tokens * width * item * per_token + masks if closed else 0.0
     d = 8  # float64
     statistics = 0.0
     if closed:
         outs = {"o": (width, width), "mlp": (ffn, width)}
         weighted = 2 if spec.last_weight != 1 else 1  # the unweighted sums of the residual, when they differ
         statistics = sum(weighted * (d_in * d_in + d_in * d_out) * d for k, (d_in, d_out) in outs.items() if k in kinds)
-        if spec.method is Method.sink:
+        if spec.folds_sink:
             statistics += (3 * width * width + 2 * kv_width * kv_width) * d
     # One micro-batch through one layer (MLP activations, attention scores), or through the whole model
     # with every layer's hidden states kept, for three views, in the held-out measures and the sink search.
@@ -77,7 +77,7 @@ def plan(model: torch.nn.Module, batches: list[dict[str, Tensor]], held_out: lis
     one_layer = B * T * (3 * ffn + 8 * width + heads * (T + m) * 2) * item
     measures = 3 * layers * B * T * width * item + B * c.vocab_size * 4 * 3
     rows = B * T * heads * (4 * (width // heads)) * d  # the sink fit's per-row terms of a micro-batch
-    working = max(one_layer, measures) + (rows if spec.method is Method.sink else 0)
+    working = max(one_layer, measures) + (rows if spec.folds_sink else 0)
     store = str(device)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0] if spec.memory_gb is None else spec.memory_gb * GB

@@ -32,7 +32,7 @@ from feta.compile.fit import target_modules
 from feta.compile.sequential import SinkPlan, fit_sequential
 from feta.compile.sink import supports as sink_supports
 from feta.compile.source import CompileSource, check_shapes
-from feta.compile.spec import CalibDecode, CompileSpec, Method
+from feta.compile.spec import CalibDecode, CompileSpec
 from feta.compile.tokens import find_sinks, fit_weights, micro_batches, sinks_in
 from feta.compile.views import GATED, CompileModel
 from feta.errors import UserError
@@ -139,9 +139,9 @@ def _fit(base, source: CompileSource, calibration: Calibration, spec: CompileSpe
     batches = _to(micro_batches(calibration.fit, MICRO_BATCH), device)
     names = list(target_modules(base, arch, spec.target))
     stats, positions, sinks, kv = {}, {}, [], []
-    if spec.method is not Method.distill:
+    if spec.closed_form:
         sinks = [find_sinks(base, b, spec.sink_ratio) for b in batches]  # before any adapter: the base model
-    if spec.method is Method.sink:
+    if spec.folds_sink:
         reason, share = _sink_fallback(source, sinks)
         stats["sink"] = {"fallback": reason, "sink_at_start": share} if reason else {"sink_at_start": share}
         kv = [] if reason else list(target_modules(base, arch, "k+v"))
@@ -149,7 +149,7 @@ def _fit(base, source: CompileSource, calibration: Calibration, spec: CompileSpe
             raise UserError("target=none", f"method=sink cannot apply ({reason}), and target=none leaves nothing "
                             "else to fit", "set target=o")
     cm = CompileModel(base, source.adapter_dir, source.peft_type, compiled_lora_config(spec.rank, names + kv, spec.bias, arch, kv))
-    if spec.method is not Method.distill:
+    if spec.closed_form:
         plan = None
         if kv:
             stats["sink"]["m"] = cm.m
@@ -158,7 +158,7 @@ def _fit(base, source: CompileSource, calibration: Calibration, spec: CompileSpe
             plan = SinkPlan(cm.prefix_key_values(), cm.model.model.rotary_emb, cm.m, content)
         weights, positions = fit_weights(batches, sinks, spec)
         stats["modules"] = fit_sequential(cm, batches, weights, sinks, arch, spec, store, plan)
-    if spec.method in (Method.distill, Method.lstsq_distill):
+    if spec.distills:
         stats["distill"] = distill(cm, calibration, spec, source.seed, device, precision)
     return cm, stats, positions
 

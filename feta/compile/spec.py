@@ -39,6 +39,13 @@ class Method(str, Enum):
     lstsq = "lstsq"  # the closed form on `target` alone, no gradient steps
     distill = "distill"  # gradient steps from PEFT's zero init
     lstsq_distill = "lstsq+distill"  # the closed form, then gradient steps
+    sink_distill = "sink+distill"  # method=sink, then gradient steps
+
+
+class DistillData(str, Enum):
+    train = "train"  # the task's training examples, teacher-forced on their references, against the source's forwards
+    calibration = "calibration"  # the calibration set (with calib_decode's continuations), against the source's
+    # top-k log-probabilities at every scored token, computed once
 
 
 class CalibDecode(str, Enum):
@@ -83,7 +90,8 @@ class CompileSpec:
 
     rank: int = field(default=4, metadata={"help": "LoRA rank r of the compiled adapter (0 = bias only)."})
     # A str, not the Enum: OmegaConf converts Enums by member name, and "lstsq+distill" is no identifier.
-    method: str = field(default=Method.sink.value, metadata={"help": "sink | lstsq | distill | lstsq+distill."})
+    method: str = field(default=Method.sink.value, metadata={"help": "sink | lstsq | distill | lstsq+distill | "
+                                                                     "sink+distill."})
     target: str = field(default="o", metadata={"help": "Module kinds the LoRA goes on, joined by +: o (attention "
                                                        "output projection), mlp (MLP output projection), q/k/v, qkv (GPT-2)."})
     bias: bool | None = field(default=None, metadata={"help": "Fit a per-module bias with the low-rank map "
@@ -120,10 +128,15 @@ class CompileSpec:
     distill_batch_size: int = field(default=16, metadata={"help": "Batch size for distillation."})
     distill_schedule: Schedule = field(default=Schedule.constant, metadata={"help": "constant | cosine."})
     distill_hidden: DistillHidden = field(default=DistillHidden.final, metadata={"help": "final | layers."})
+    distill_data: DistillData = field(default=DistillData.train, metadata={
+        "help": "train: the task's training examples against the source's forwards | calibration: the calibration "
+                "set against the source's top-k log-probabilities, cached once (on-policy with calib_decode=sample)."})
+    distill_top_k: int = field(default=20, metadata={"help": "Tokens of the source's distribution cached per "
+                                                              "position (distill_data=calibration)."})
 
     def __post_init__(self) -> None:
         for key, choices in (("method", Method), ("fit_positions", FitPositions), ("match", Match),
-                             ("calib_decode", CalibDecode),
+                             ("calib_decode", CalibDecode), ("distill_data", DistillData),
                              ("distill_schedule", Schedule), ("distill_hidden", DistillHidden)):
             setattr(self, key, as_choice(key, getattr(self, key), choices))
         kinds = self.target.split("+")
@@ -131,10 +144,10 @@ class CompileSpec:
         if unknown or len(set(kinds)) != len(kinds):
             raise UserError("target", f"unknown or repeated module kind {(unknown or kinds)[0]!r} in {self.target!r}",
                             f"join module kinds from {', '.join(MODULE_KINDS)} with '+', each once (e.g. o or o+mlp)")
-        if "none" in kinds and (self.method is not Method.sink or len(kinds) > 1):
+        if "none" in kinds and (not self.folds_sink or len(kinds) > 1):
             raise UserError("target", "none (no closed-form modules) goes only with method=sink, alone",
                             "use target=none with method=sink, or a module kind")
-        if self.method in (Method.sink, Method.lstsq) and not set(kinds) <= {*CLOSED_FORM, "none"}:
+        if self.method in (Method.sink, Method.lstsq, Method.sink_distill) and not set(kinds) <= {*CLOSED_FORM, "none"}:
             raise UserError("target", f"{self.target} needs method=distill or lstsq+distill: the closed form fits "
                             f"only per-token maps ({', '.join(CLOSED_FORM)})", "use target=o or a distill method")
         if self.method is Method.lstsq_distill and not set(kinds) & set(CLOSED_FORM):
@@ -151,7 +164,7 @@ class CompileSpec:
                             "set rank >= 1")
         if self.bias and self.method is Method.distill:
             raise UserError("bias", "bias=true is a closed-form option", "use method=lstsq or lstsq+distill")
-        for key in ("calib_size", "eval_size", "distill_batch_size", "distill_steps"):
+        for key in ("calib_size", "eval_size", "distill_batch_size", "distill_steps", "distill_top_k"):
             check_positive(key, getattr(self, key))
         check_positive("calib_max_length", self.calib_max_length, allow_none=True)
         check_positive("calib_new_tokens", self.calib_new_tokens, allow_none=True)
@@ -167,6 +180,20 @@ class CompileSpec:
         if self.sink_ratio <= 1:
             raise UserError("sink_ratio", f"must be > 1 (a multiple of the median norm), got {self.sink_ratio}",
                             "e.g. sink_ratio=6")
+
+    @property
+    def folds_sink(self) -> bool:
+        """The prefix is folded into the attention sink's slot first (method=sink, sink+distill)."""
+        return self.method in (Method.sink, Method.sink_distill)
+
+    @property
+    def closed_form(self) -> bool:
+        """The closed form runs (every method but distill from PEFT's zero init)."""
+        return self.method is not Method.distill
+
+    @property
+    def distills(self) -> bool:
+        return self.method in (Method.distill, Method.lstsq_distill, Method.sink_distill)
 
     @property
     def module_kinds(self) -> tuple[str, ...]:
