@@ -320,3 +320,18 @@ def test_bad_peft_input_is_one_named_line_and_writes_nothing(bad, tmp_path, args
     assert sum(line.startswith("error: ") for line in lines) == 1 and lines[-1].startswith("error: "), shown
     assert re.match(r"error: " + error, lines[-1]), lines[-1]
     assert tree(bad["root"], set()) == before, "a refused compile wrote or changed files"
+
+
+def test_p_tuning_takes_the_sink_path_as_key_value_slots(work, tmp_path, first_token_sink):
+    """A P-tuning adapter is a soft prompt whose embeddings an encoder computes: once computed, key/value
+    slots in every layer, so method=sink applies (here with each sequence's first token as its sink) and
+    writes the rank-1 sink edits, as for a prefix."""
+    config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_hidden_size=32)
+    adapter = build_adapter(work["llama_tiny"], config, tmp_path / "pt")
+    rec = compile_peft(adapter, f"calib_file={work['prompts']}", "calib_size=96", f"out_dir={tmp_path / 'c'}")
+    assert rec["source"]["peft_type"] == "P_TUNING" and rec["method"] == "sink"
+    assert "fallback" not in rec["fit_stats"]["sink"] and rec["fit_stats"]["sink"]["m"] == 8
+    edits = [k for k in rec["fit_stats"]["modules"] if k.endswith("self_attn")]
+    assert len(edits) == 2 and all(rec["fit_stats"]["modules"][k]["leak_max"] >= 0 for k in edits)
+    nt = rec["next_token"]
+    assert nt["kl"] < 0.5 * nt["base_kl"], nt
