@@ -47,6 +47,11 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
              f"final layer {record['residual_last_final']:.3f}, mean {record['residual_last_mean']:.3f}; next-token "
              f"agreement {agree['agreement']:.3f} (base model {agree['base_agreement']:.3f}), KL {agree['kl']:.4f} "
              f"(base model {agree['base_kl']:.4f}); {out}")
+    if "own_outputs" in record:
+        own = record["own_outputs"]
+        log.info(f"on the source's own greedy continuations of {own['prompts']} held-out prompts: identical "
+                 f"{own['identical']:.1%}, BLEU against them {own['bleu_vs_source']:.1f}, next-token agreement "
+                 f"{own['agreement']:.3f} (base model {own['base_agreement']:.3f}), KL {own['kl']:.4f}")
 
     logger = make_logger(cfg, out, job_type="compile", name=f"{metrics.get('name', source.ckpt.name)}->r{spec.rank}",
                          group=metrics.get("wandb_group"))
@@ -55,7 +60,8 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
             for layer, value in enumerate(record["residuals"][key]):
                 logger.log_metrics({f"residual/{key}": value, "layer": layer})
         logger.log_metrics({**{k: record[k] for k in ("residual_last_final", "residual_last_mean", "fit_time_s")},
-                            **{f"next_token/{k}": v for k, v in record["next_token"].items()}})
+                            **{f"next_token/{k}": v for k, v in record["next_token"].items()},
+                            **{f"own_outputs/{k}": v for k, v in record.get("own_outputs", {}).items()}})
         use_artifact(logger, metrics.get("artifact"), source.adapter_dir)  # a feta run's artifact only
         log_artifact(logger, out / runs.ADAPTER, name=compiled_artifact_name(metrics.get("artifact", "adapter"), out))
     return record

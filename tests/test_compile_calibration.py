@@ -139,3 +139,30 @@ def test_on_policy_preset_distils_on_sampled_continuations(e2e_prefix, tmp_path)
     assert rec["fit_stats"]["distill"]["steps"] == 3 and rec["fit_stats"]["distill"]["data"] == "calibration"
     closed = compile_peft(source.ckpt, *common, "calib_decode=sample", f"out_dir={tmp_path / 'c'}")
     assert rec["next_token"] != closed["next_token"]  # the steps moved the closed form's LoRA
+
+
+# ------------------------------------------------------------------ measures where the model decodes
+
+
+def test_own_output_measures_are_exact_for_a_source_without_effect(work, tmp_path):  # noqa: F811
+    """LLaMA-Adapter with its gates at zero changes nothing: the compiled model (which fits nothing) decodes
+    exactly what the source decodes, on every held-out prompt, and agrees at every token with KL 0."""
+    from peft import AdaptionPromptConfig
+
+    adapter = build_adapter(work["llama_tiny"], AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
+                                                                     adapter_layers=2), tmp_path / "gated")
+    rec = compile_peft(adapter, *E2E, "model=llama_tiny", "calib_size=8", "eval_size=6", f"out_dir={tmp_path / 'c'}")
+    own = rec["own_outputs"]
+    assert own["prompts"] == 4 and own["identical"] == 1.0 and own["agreement"] == 1.0
+    assert own["kl"] < 1e-6 and own["positions"] >= 4
+
+
+def test_own_output_measures_count_what_differs(e2e_prefix, tmp_path):
+    """A random prefix: the measures are read off the source's own greedy continuations, and the compiled
+    model's continuations are compared with them token for token."""
+    source, tok, adapted = e2e_prefix
+    rec = compile_peft(source.ckpt, *E2E, "model=llama_tiny", "calib_size=8", "eval_size=4", f"out_dir={tmp_path / 'c'}")
+    own = rec["own_outputs"]
+    assert own["prompts"] == 4 and 0.0 <= own["identical"] <= 1.0
+    assert own["positions"] > own["prompts"]  # every continuation token is a position, not one per prompt
+    assert own["kl"] > 0 and own["base_kl"] > own["kl"]  # the compiled model is nearer its source than the base

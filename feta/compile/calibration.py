@@ -37,6 +37,8 @@ PROMPT_MAX_LENGTH = 128
 PROMPT_NEW_TOKENS = 32
 # Prompts decoded at once.
 DECODE_BATCH = 32
+# Held-out prompts that the source and the compiled model both decode, for compile.json's `own_outputs`.
+OWN_OUTPUTS = 32
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Calibration:
     verbalizer_ids: list[list[int]] | None  # classification: the classes' tokens; else every scored token
     task: str  # the task kind, or "prompts"
     record: dict[str, Any] = field(default_factory=dict)
+    own: OwnOutputs | None = None  # generation tasks and prompt files, with the source to decode
 
 
 def calibration_batches(datamodule: TaskDataModule, spec: CompileSpec, seed: int, adapted=None) -> tuple[dict, dict]:
@@ -87,24 +90,59 @@ def _decoded(adapted, tokenizer, prompts: list[list[int]], references: list[list
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(2000 + seed + spec.calib_seed))
         keep_reference[order[: len(prompts) // 2]] = True
     rows = [i for i in range(len(prompts)) if not keep_reference[i]]
-    device = next(adapted.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(3000 + seed + spec.calib_seed)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id
+    temperature = 0.0 if mode is CalibDecode.greedy else spec.calib_temperature
+    decoded = continuations(adapted, tokenizer, [prompts[i] for i in rows], new_tokens, temperature,
+                            3000 + seed + spec.calib_seed)
     out: list[list[int] | None] = [references[i] if references is not None else None for i in range(len(prompts))]
-    rows.sort(key=lambda i: len(prompts[i]))  # batches of similar length
+    for i, tokens in zip(rows, decoded):
+        out[i] = tokens
+    return out
+
+
+def continuations(model, tokenizer, prompts: list[list[int]], new_tokens: int, temperature: float = 0.0,
+                  seed: int = 0) -> list[list[int]]:
+    """Each prompt's continuation by `model` (a PEFT model or a plain one), greedy or sampled at
+    `temperature` (seeded), up to and with its EOS, in the prompts' order."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[list[int]] = [[] for _ in prompts]
+    rows = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
     for start in range(0, len(rows), DECODE_BATCH):
         chunk = rows[start:start + DECODE_BATCH]
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.tensor([prompts[i] + [pad] * (width - len(prompts[i])) for i in chunk], device=device)
         mask = torch.tensor([[1] * len(prompts[i]) + [0] * (width - len(prompts[i])) for i in chunk], device=device)
-        if mode is CalibDecode.greedy:
-            generated = greedy_decode(adapted, ids, mask, new_tokens, eos, pad)
+        if temperature > 0:
+            generated = sample_decode(model, ids, mask, new_tokens, eos, pad, temperature, generator)
         else:
-            generated = sample_decode(adapted, ids, mask, new_tokens, eos, pad, spec.calib_temperature, generator)
+            generated = greedy_decode(model, ids, mask, new_tokens, eos, pad)
         for i, row in zip(chunk, generated.tolist()):
             out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out
+
+
+@dataclass
+class OwnOutputs:
+    """Held-out prompts and the source's own greedy continuations of them, for the measures of a compile
+    on what the model decodes (compile.json's `own_outputs`)."""
+
+    prompts: list[list[int]]
+    continuations: list[list[int]]
+    batch: dict[str, Tensor]  # prompt + continuation, scored at the continuation's tokens
+    new_tokens: int
+
+
+def own_outputs(adapted, tokenizer, prompts: list[list[int]], new_tokens: int, max_length: int) -> OwnOutputs | None:
+    """The source's greedy continuations of the first OWN_OUTPUTS `prompts` (None when none gets a token)."""
+    prompts = prompts[:OWN_OUTPUTS]
+    decoded = continuations(adapted, tokenizer, prompts, new_tokens)
+    keep = [i for i, c in enumerate(decoded) if c]
+    if not keep:
+        return None
+    prompts, decoded = [prompts[i] for i in keep], [decoded[i] for i in keep]
+    batch = encode_continuations(tokenizer, prompts, decoded, max_length + new_tokens)
+    return OwnOutputs(prompts, decoded, batch, new_tokens)
 
 
 def calibrate(source: CompileSource, tokenizer, spec: CompileSpec, adapted=None) -> Calibration:
@@ -114,8 +152,13 @@ def calibrate(source: CompileSource, tokenizer, spec: CompileSpec, adapted=None)
         return _prompt_file(source.prompts, tokenizer, spec, source.seed, adapted)
     dm = TaskDataModule(source.data, tokenizer, seed=source.seed)
     fit, held_out = calibration_batches(dm, spec, source.seed, adapted)
+    own = None
+    if adapted is not None and dm.task.kind.value == "generation":
+        prompts = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in dm.prompts("validation", spec.eval_size)]
+        own = own_outputs(adapted, tokenizer, prompts, spec.calib_new_tokens or dm.spec.max_new_tokens,
+                          dm.spec.max_length)
     return Calibration(fit, held_out, dm.splits["train"], dm.collate, getattr(dm.task, "verbalizer_ids", None),
-                       dm.task.kind.value, _decode_record(fit, spec))
+                       dm.task.kind.value, _decode_record(fit, spec), own)
 
 
 def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int, adapted) -> Calibration:
@@ -137,8 +180,13 @@ def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int, ad
             parts.append({k: v[alone] for k, v in fit.items()})
         fit = _stack(parts, tokenizer.pad_token_id)
     record = {"prompts": len(prompts), "held_out": n_held, "calibration": len(calib), **_decode_record(fit, spec)}
-    return Calibration(fit, encode_prompts(tokenizer, held_out, PROMPT_MAX_LENGTH), calib,
-                       partial(encode_prompts, tokenizer, max_length=PROMPT_MAX_LENGTH), None, "prompts", record)
+    held = encode_prompts(tokenizer, held_out, PROMPT_MAX_LENGTH)
+    own = None
+    if adapted is not None:
+        ids = [row[mask.bool()].tolist() for row, mask in zip(held["input_ids"], held["attention_mask"])]
+        own = own_outputs(adapted, tokenizer, ids, spec.calib_new_tokens or PROMPT_NEW_TOKENS, PROMPT_MAX_LENGTH)
+    return Calibration(fit, held, calib, partial(encode_prompts, tokenizer, max_length=PROMPT_MAX_LENGTH), None,
+                       "prompts", record, own)
 
 
 def _stack(batches: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from torch import Tensor
 from feta import runs
 from feta.adapters import compiled_lora_config, load_adapter, merge_in_place
 from feta.compile import memory
-from feta.compile.calibration import Calibration, calibrate
+from feta.compile.calibration import Calibration, OwnOutputs, calibrate, continuations
 from feta.compile.distill import distill
 from feta.compile.faithfulness import next_token
 from feta.compile.fit import target_modules
@@ -35,7 +35,9 @@ from feta.compile.source import CompileSource, check_shapes
 from feta.compile.spec import CalibDecode, CompileSpec
 from feta.compile.tokens import find_sinks, fit_weights, micro_batches, sinks_in
 from feta.compile.views import GATED, CompileModel
+from feta.data import TaskKind
 from feta.errors import UserError
+from feta.metrics import generation_metrics
 from feta.models import load_base_model
 from feta.scoring import input_positions
 
@@ -225,6 +227,8 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
     residuals = layer_residuals(cm.base, cm.source, cm.compiled, held_out, spec.sink_ratio)
     record = _record(source, spec, list(names), calibration, positions, residuals, stats, fit_time)
     record["next_token"] = next_token(cm.base, cm.source, cm.compiled, held_out)
+    if calibration.own is not None:
+        record["own_outputs"] = own_output_measures(cm, calibration.own, tokenizer, device)
     record["device"], record["dtype"] = str(device), str(dtype).removeprefix("torch.")
     with runs.atomic_dir(out_dir) as tmp:
         cm.lora.save_pretrained(str(tmp / runs.ADAPTER))
@@ -242,6 +246,19 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
     return record
 
 
+def own_output_measures(cm: CompileModel, own: OwnOutputs, tokenizer, device: torch.device) -> dict[str, Any]:
+    """How the compiled model follows its source where the model decodes: the share of held-out prompts
+    whose greedy continuation is identical to the source's, BLEU against the source's continuations, and
+    next-token agreement and KL at every token of the source's own continuations (teacher-forced)."""
+    compiled = continuations(cm.lora, tokenizer, own.prompts, own.new_tokens)
+    texts = [[tokenizer.decode(c, skip_special_tokens=True).strip() for c in rows] for rows in (compiled, own.continuations)]
+    batches = _to(micro_batches(own.batch, MEASURE_BATCH), device)
+    return {"prompts": len(own.prompts),
+            "identical": sum(a == b for a, b in zip(compiled, own.continuations)) / len(own.prompts),
+            "bleu_vs_source": generation_metrics(texts[0], [[t] for t in texts[1]])["bleu"],
+            **next_token(cm.base, cm.source, cm.compiled, batches)}
+
+
 def _warn_if_unfaithful(agree: dict[str, float]) -> None:
     """One warning line when the compiled model predicts the source's next token barely more often than
     the base model does (where the source changes anything at all)."""
@@ -253,10 +270,12 @@ def _warn_if_unfaithful(agree: dict[str, float]) -> None:
 
 
 def _decoder(base, source: CompileSource, spec: CompileSpec):
-    """The source adapter as a PEFT model on `base`, for calib_decode to decode with (None: not needed).
-    A prompt-learning wrapper leaves `base` as it was; a gated prefix's wrappers must be swapped out again
+    """The source adapter as a PEFT model on `base`, to decode with: calib_decode's continuations, and the
+    held-out continuations of a generation task or prompt file (None: nothing to decode). A
+    prompt-learning wrapper leaves `base` as it was; a gated prefix's wrappers must be swapped out again
     once the calibration is decoded (CompileModel swaps them in for its source view alone)."""
-    if spec.calib_decode is CalibDecode.reference:
+    generates = source.prompts is not None or (source.data is not None and source.data.task is TaskKind.generation)
+    if spec.calib_decode is CalibDecode.reference and not generates:
         return None
     return load_adapter(base, source.adapter_dir).eval().to(next(base.parameters()).device)
 
