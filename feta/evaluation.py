@@ -17,6 +17,7 @@ import torch
 
 from feta import latency, runs
 from feta.adapters import WEIGHT_KINDS, load_adapter, merged_copy
+from feta.compile.faithfulness import next_token
 from feta.data import DataSpec, TaskDataModule, TaskKind
 from feta.decoding import decode_texts
 from feta.equivalence import analyze
@@ -94,17 +95,36 @@ def _generation(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec) ->
     outputs = generate(model, dm)
     result = {**generation_metrics(outputs, dm.references), "val_size": len(outputs), "outputs": OUTPUTS}
     rows = [{"input": p, "output": o, "references": r} for p, o, r in zip(dm.prompts("validation"), outputs, dm.references)]
-    if run.kind == "compiled":  # three views of agreement with the source prefix
+    if run.kind == "compiled":  # agreement with the source prefix, on the references and on its own outputs
         source_model = load_adapter(load_base_model(model_spec)[0], run.source_dir / runs.ADAPTER).eval()
         source_outputs = _source_outputs(run, dm, source_model)
         result["agreement_with_source"] = sum(a == b for a, b in zip(outputs, source_outputs)) / len(outputs)
         result["token_agreement"] = float((teacher_forced_predictions(model, dm)
                                            == teacher_forced_predictions(source_model, dm)).float().mean())
         result["bleu_vs_source"] = generation_metrics(outputs, [[s] for s in source_outputs])["bleu"]
+        result.update(_on_source_outputs(model, source_model, dm, model_spec, source_outputs, result["bleu"]))
         for row, s in zip(rows, source_outputs):
             row["source_output"] = s
     runs.write_text(run.run_dir / OUTPUTS, "".join(json.dumps(r) + "\n" for r in rows))
     return result
+
+
+def _on_source_outputs(model, source_model, dm: TaskDataModule, model_spec, source_outputs: list[str],
+                       bleu: float) -> dict[str, Any]:
+    """Where the source decodes: next-token agreement and KL at every token of the source's own greedy
+    outputs (teacher-forced; the compiled model's and the base model's), and the share of the source's BLEU
+    gain over the base model that the compiled model keeps, (BLEU − BLEU_base) / (BLEU_source − BLEU_base)."""
+    base = load_base_model(model_spec)[0].eval()
+    column, size = dm.spec.target_column, dm.spec.eval_batch_size
+    own = [{**ex, column: out} for ex, out in zip(dm.splits["validation"], source_outputs)]
+    agree = next_token(base, source_model, model, [dm.task.encode(own[i:i + size]) for i in range(0, len(own), size)])
+    base_bleu = generation_metrics(generate(base, dm), dm.references)["bleu"]
+    source_bleu = generation_metrics(source_outputs, dm.references)["bleu"]
+    gain = source_bleu - base_bleu
+    return {"own_token_agreement": agree["agreement"], "own_kl": agree["kl"],
+            "own_base_token_agreement": agree["base_agreement"], "own_base_kl": agree["base_kl"],
+            "base_bleu": base_bleu, "source_bleu": source_bleu,
+            "gain_recovered": (bleu - base_bleu) / gain if abs(gain) > 1e-9 else None}
 
 
 def evaluate_run(run_dir: Path, settings: dict) -> dict[str, Any]:

@@ -141,4 +141,11 @@ def test_generation_trains_on_targets_compiles_and_scores_bleu(e2e_sweep):
     assert compiled["agreement_with_source"] == pytest.approx(same)
     prefix_lines = [json.loads(x) for x in (dirs["0"] / "outputs.jsonl").read_text().splitlines()]
     assert [x["source_output"] for x in lines] == [x["output"] for x in prefix_lines]  # read back, not re-decoded
+    # On the source's own outputs, and the share of its BLEU gain kept: the source's BLEU is the prefix run's own.
+    assert compiled["source_bleu"] == pytest.approx(evals["0"]["bleu"])
+    assert 0 <= compiled["own_token_agreement"] <= 1 and compiled["own_kl"] >= 0
+    gain = evals["0"]["bleu"] - compiled["base_bleu"]
+    if abs(gain) > 1e-9:
+        assert compiled["gain_recovered"] == pytest.approx((compiled["bleu"] - compiled["base_bleu"]) / gain)
+    assert "on source outputs %" in (e2e_sweep / "report" / "results.md").read_text()
     assert (e2e_sweep / "report" / "metric_vs_latency.png").is_file()

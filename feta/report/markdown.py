@@ -49,7 +49,8 @@ def _columns(task: str, metric: Metric, lat: Latency) -> list[tuple[str, Cell]]:
     if task == "generation":
         return (head + [("ROUGE-L", pct("rouge_l"))] + latency + params
                 + [("agreement %", pct("agreement")), ("token agreement %", pct("token_agreement")),
-                   ("BLEU vs source", pct("bleu_vs_source")), ("residual (last) mean / max", _residual)])
+                   ("on source outputs %", pct("own_token_agreement")), ("BLEU vs source", pct("bleu_vs_source")),
+                   ("gain kept %", pct("gain_recovered")), ("residual (last) mean / max", _residual)])
     return (head + [("macro-F1 %", pct("macro_f1"))] + latency
             + [("decode µs/token", lambda row: _fmt_time(row.decode_us)),
                ("decode ratio", lambda row: _fmt_ratio(row.decode_ratio, row.decode_ratio_iqr))]
@@ -73,8 +74,9 @@ def _intro(df: pd.DataFrame, task: str, metric: Metric, lat: Latency) -> list[st
         return [f"BLEU (0-100, corpus BLEU against all references) and ROUGE-L (0-100) on {sizes} validation "
                 f"inputs; {len(df)} evaluated run(s). " + timing,
                 "Agreement: share of inputs whose greedy output equals the source prefix's; token agreement: share "
-                "of teacher-forced next-token predictions equal to the source's; BLEU vs source: the compiled "
-                "model's outputs scored against the source prefix's."]
+                "of teacher-forced next-token predictions equal to the source's, on the references; on source "
+                "outputs: the same on the source's own greedy outputs; BLEU vs source: the compiled model's outputs "
+                "scored against the source prefix's; gain kept: (BLEU − base) / (source − base)."]
     residuals = reference_residuals()
     return [f"Validation {metric.name} ({metric.unit}) on {sizes} examples; {len(df)} evaluated run(s). " + timing,
             "Agreement: share of a compiled model's predictions equal to its source prefix's. Reference columns: "

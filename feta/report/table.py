@@ -70,6 +70,7 @@ LATENCY = {
 COLUMNS = [
     "name", "kind", "model", "task", "m", "r", "trainable_params", "metric", "metric_name",
     "val_acc", "macro_f1", "bleu", "rouge_l", "agreement", "token_agreement", "bleu_vs_source",
+    "own_token_agreement", "gain_recovered",
     "latency_us", "latency_ratio", "latency_ratio_iqr", "decode_us", "decode_ms", "decode_ratio", "decode_ratio_iqr",
     "residual_last_mean", "residual_last_max", "residual_content_mean", "ref_metric", "ref_latency_us", "ref_note",
     "latency_form", "device", "dtype", "threads", "val_size", "run",
@@ -172,6 +173,7 @@ def _row(ev: dict[str, Any], rel: str) -> dict[str, Any]:
         "bleu": _scaled(ev.get("bleu"), 1.0), "rouge_l": _scaled(ev.get("rouge_l"), 1.0),
         "agreement": _scaled(ev.get("agreement_with_source")), "token_agreement": _scaled(ev.get("token_agreement")),
         "bleu_vs_source": _scaled(ev.get("bleu_vs_source"), 1.0),
+        "own_token_agreement": _scaled(ev.get("own_token_agreement")), "gain_recovered": _scaled(ev.get("gain_recovered")),
         "latency_us": latency_us, "latency_ratio": latency_ratio, "latency_ratio_iqr": latency_ratio_iqr,
         "decode_us": decode_us, "decode_ms": decode_us / 1000.0, "decode_ratio": decode_ratio,
         "decode_ratio_iqr": decode_ratio_iqr,
