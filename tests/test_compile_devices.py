@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from compile import compile_prefix
 from tests.conftest import compile_cfg
+from tests.test_compile_peft import build_adapter, compile_peft, work  # noqa: F401  (work: a fixture)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -46,3 +47,23 @@ def test_distillation_runs_in_bf16_mixed_precision(llama_prefix_run, tmp_path, d
     weights = load_file(str(tmp_path / "d/adapter/adapter_model.safetensors"))
     assert all(w.abs().max() > 0 for k, w in weights.items() if "v_proj.lora_B" in k and k.endswith("weight"))
     assert math.isfinite(rec["merge"]["max_abs_logit_diff"])
+
+
+@pytest.mark.parametrize("kind", ["p_tuning", "adaption_prompt"])
+def test_every_source_kind_compiles_in_bf16(work, tmp_path, kind):  # noqa: F811
+    """The source's own modules (a P-tuning encoder, LLaMA-Adapter's prompts and gates) run in the model's
+    bfloat16 too, and the compile is as near its source as in float32."""
+    from peft import AdaptionPromptConfig, PromptEncoderConfig
+
+    config, gate = {"p_tuning": (PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8,
+                                                     encoder_hidden_size=32), None),
+                    "adaption_prompt": (AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=8, adapter_layers=2),
+                                        1.0)}[kind]
+    adapter = build_adapter(work["llama_tiny"], config, tmp_path / kind, gate=gate)
+    common = (f"calib_file={work['prompts']}", "calib_size=96", "calib_new_tokens=4")
+    ref = compile_peft(adapter, *common, f"out_dir={tmp_path / 'ref'}")
+    low = compile_peft(adapter, *common, "dtype=bfloat16", f"out_dir={tmp_path / 'low'}")
+    assert low["dtype"] == "bfloat16" and ref["dtype"] == "float32"
+    assert abs(low["next_token"]["kl"] - ref["next_token"]["kl"]) < 0.1 * ref["next_token"]["base_kl"]
+    assert low["next_token"]["kl"] < 0.5 * low["next_token"]["base_kl"]
+    assert low["own_outputs"]["prompts"] == ref["own_outputs"]["prompts"] > 0

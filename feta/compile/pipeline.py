@@ -277,7 +277,7 @@ def _decoder(base, source: CompileSource, spec: CompileSpec):
     generates = source.prompts is not None or (source.data is not None and source.data.task is TaskKind.generation)
     if spec.calib_decode is CalibDecode.reference and not generates:
         return None
-    return load_adapter(base, source.adapter_dir).eval().to(next(base.parameters()).device)
+    return load_adapter(base, source.adapter_dir).eval().to(device=next(base.parameters()).device, dtype=base.dtype)
 
 
 def _weights(cm: CompileModel) -> float:

@@ -83,7 +83,7 @@ class CompileModel:
         if peft_type != GATED:  # read the slots, then let the prompt-learning wrapper go (it leaves `base` as it was)
             adapted = load_adapter(base, adapter_dir).eval()
             self.m = adapted.active_peft_config.num_virtual_tokens
-            adapted.prompt_encoder.to(next(base.parameters()).device)
+            adapted.prompt_encoder.to(device=next(base.parameters()).device, dtype=base.dtype)
             self.slots = [(k.detach().to(base.dtype), v.detach().to(base.dtype)) for k, v in slot_key_values(adapted, self.m)]
             del adapted
         self.lora = get_peft_model(base, lora_config).eval()
@@ -92,7 +92,7 @@ class CompileModel:
             with warnings.catch_warnings():  # PEFT warns that the model already holds an adapter: the LoRA
                 warnings.simplefilter("ignore", UserWarning)
                 self.gated = load_adapter(self.model, adapter_dir).eval()
-            self.gated.to(next(base.parameters()).device)
+            self.gated.to(device=next(base.parameters()).device, dtype=base.dtype)
             self.m = self.gated.active_peft_config.adapter_len
             self.gated.base_model.disable_adapter_layers()  # swapped in only for the source view
         self.base = View(self, self.base_mode)
