@@ -195,9 +195,9 @@ def extrapolate(row: pd.Series, prompts: int, gpu_tflops: float) -> None:
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
-    import seaborn as sns
+    import seaborn as sns  # late: the baseline child runs this file and must hold what the compile holds, no more
 
-    from feta.report.plots import plt, save
+    from feta.report.plots import plt, save  # late, as seaborn
 
     df = df.assign(calib_prompts=df["calib_prompts"].astype(str))  # categories, not a colour scale
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--extrapolate-prompts", type=int, default=512, help="calibration prompts for Llama-3-8B")
     ap.add_argument("--gpu-tflops", type=float, default=100.0, help="ASSUMED effective GPU throughput")
     ap.add_argument("--out", type=Path, help="CSV, one row per compile")
+    ap.add_argument("--append", action="store_true", help="add the rows to --out's and plot them all")
     ap.add_argument("--plot", type=Path, help="PNG: peak memory and fit time vs tokens and vs parameters")
     ap.add_argument("--baseline", help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
@@ -259,11 +260,14 @@ def main() -> None:
             bound = 1.3 * w + row["caches_gb"] + 1
             print(f"  peak {row['peak_rss_gb']:.3f} vs 1.3 x weights + caches {row['caches_gb']:.2f} (the compile's "
                   f"log line) + 1 GB = {bound:.3f}: {'meets' if row['peak_rss_gb'] <= bound else 'MISSES'}")
-    df = pd.DataFrame(rows)
+    columns = ["shape", "params", "weights_gb", "calib_prompts", "tokens", "peak_rss_gb", "baseline_rss_gb",
+               "fit_time_s", "per_layer_s", "estimate_gb", "caches_gb", "wall_s"]
+    df = pd.DataFrame(rows)[columns]
     print(f"work dir: {root}")
+    if args.out and args.append and args.out.is_file():
+        df = pd.concat([pd.read_csv(args.out), df], ignore_index=True)
     if args.out:
-        df[["shape", "params", "weights_gb", "calib_prompts", "tokens", "peak_rss_gb", "baseline_rss_gb",
-            "fit_time_s", "per_layer_s", "estimate_gb", "caches_gb", "wall_s"]].to_csv(args.out, index=False)
+        df.to_csv(args.out, index=False)
         print(f"wrote {args.out}")
     if args.plot:
         plot(df, args.plot)
