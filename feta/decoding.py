@@ -221,34 +221,48 @@ def _continuation(tokenizer, ids: list[int], eos_token_id: int | None) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def decode_ids(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
+               pad_token_id: int, batch_size: int, adapter_names: list[str] | None = None, temperature: float = 0.0,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+    """Each prompt's `max_new_tokens` generated ids (padded after its EOS), in the prompts' order: greedy, or
+    sampled at `temperature` (`generator` seeds it). Batches group prompts of similar length, so little
+    compute goes to padding. `adapter_names` (one per prompt) runs each row through its own LoRA."""
+    check_positive("data.eval_batch_size", batch_size)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            if prompts[i]:
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if temperature > 0:
+            generated = sample_decode(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
+                                      generator)
+        else:
+            per_row = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in rows]}
+            generated = greedy_decode(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, **per_row)
+        for r, i in enumerate(rows):
+            out[i] = generated[r].tolist()
+    return out
+
+
 def decode_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
                  max_length: int, adapter_names: list[str] | None = None) -> list[str]:
     """Greedy continuation text of each prompt (EOS and padding removed, surrounding spaces stripped),
     in the prompts' order.
 
     Prompts are tokenized as in training (with the tokenizer's special tokens) and keep their last
-    `max_length` tokens: the end of a prompt is where its template asks for the answer. Batches group
-    prompts of similar length, so little compute goes to padding. `adapter_names` (one per prompt) runs
-    each row through its own LoRA of a PEFT model holding several (mixed-batch serving).
+    `max_length` tokens: the end of a prompt is where its template asks for the answer. `adapter_names`
+    (one per prompt) runs each row through its own LoRA of a PEFT model holding several (mixed-batch serving).
     """
-    check_positive("data.eval_batch_size", batch_size)
     encoded = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    texts: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            if encoded[i]:
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
-        per_row = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in rows]}
-        generated = greedy_decode(model, ids.to(device), mask.to(device), max_new_tokens, eos, pad, **per_row)
-        for r, i in enumerate(rows):
-            texts[i] = _continuation(tokenizer, generated[r].tolist(), eos)
-    return texts
+    rows = decode_ids(model, encoded, max_new_tokens, eos, pad, batch_size, adapter_names)
+    return [_continuation(tokenizer, row, eos) for row in rows]

@@ -24,7 +24,7 @@ from torch import Tensor
 from feta.compile.source import CompileSource
 from feta.compile.spec import CalibDecode, CompileSpec
 from feta.data import IGNORE, TaskDataModule, encode_continuations, encode_prompts, seeded_subset
-from feta.decoding import greedy_decode, sample_decode
+from feta.decoding import decode_ids
 from feta.errors import UserError
 
 # Share of a prompt file held out (at most eval_size); the split has its own seed, so that calib_seed
@@ -103,23 +103,11 @@ def continuations(model, tokenizer, prompts: list[list[int]], new_tokens: int, t
                   seed: int = 0) -> list[list[int]]:
     """Each prompt's continuation by `model` (a PEFT model or a plain one), greedy or sampled at
     `temperature` (seeded), up to and with its EOS, in the prompts' order."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    out: list[list[int]] = [[] for _ in prompts]
-    rows = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length
-    for start in range(0, len(rows), DECODE_BATCH):
-        chunk = rows[start:start + DECODE_BATCH]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.tensor([prompts[i] + [pad] * (width - len(prompts[i])) for i in chunk], device=device)
-        mask = torch.tensor([[1] * len(prompts[i]) + [0] * (width - len(prompts[i])) for i in chunk], device=device)
-        if temperature > 0:
-            generated = sample_decode(model, ids, mask, new_tokens, eos, pad, temperature, generator)
-        else:
-            generated = greedy_decode(model, ids, mask, new_tokens, eos, pad)
-        for i, row in zip(chunk, generated.tolist()):
-            out[i] = row[: row.index(eos) + 1] if eos in row else row
-    return out
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    rows = decode_ids(model, prompts, new_tokens, eos, tokenizer.pad_token_id, DECODE_BATCH, temperature=temperature,
+                      generator=generator)
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 @dataclass
