@@ -158,7 +158,7 @@ def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int, ad
     max_length = spec.calib_max_length or PROMPT_MAX_LENGTH
     fit = encode_prompts(tokenizer, calib, max_length)
     if spec.calib_decode is not CalibDecode.reference:
-        ids = [row[mask.bool()].tolist() for row, mask in zip(fit["input_ids"], fit["attention_mask"])]
+        ids = _rows(fit)
         targets = _decoded(adapted, tokenizer, ids, None, spec, spec.calib_new_tokens or PROMPT_NEW_TOKENS, seed)
         alone = [i for i, t in enumerate(targets) if not t]  # mix: a prompt alone, scored at its last token
         decoded = [i for i, t in enumerate(targets) if t]
@@ -171,10 +171,14 @@ def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int, ad
     held = encode_prompts(tokenizer, held_out, PROMPT_MAX_LENGTH)
     own = None
     if adapted is not None:
-        ids = [row[mask.bool()].tolist() for row, mask in zip(held["input_ids"], held["attention_mask"])]
-        own = own_outputs(adapted, tokenizer, ids, spec.calib_new_tokens or PROMPT_NEW_TOKENS, PROMPT_MAX_LENGTH)
+        own = own_outputs(adapted, tokenizer, _rows(held), spec.calib_new_tokens or PROMPT_NEW_TOKENS, PROMPT_MAX_LENGTH)
     return Calibration(fit, held, calib, partial(encode_prompts, tokenizer, max_length=PROMPT_MAX_LENGTH), None,
                        "prompts", record, own)
+
+
+def _rows(batch: dict[str, Tensor]) -> list[list[int]]:
+    """Each row's real token ids."""
+    return [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
 
 def _stack(batches: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
