@@ -18,30 +18,39 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from feta import runs
+from feta import runs, storage
 from feta.compile import compile_run, resolve_source
 from feta.compile.spec import CompileConfig, CompileSpec
-from feta.errors import UserError
-from feta.schema import to_spec
+from feta.errors import UserError, check_path
+from feta.schema import check_output_dir, to_spec
 from feta.tracking import cli, compiled_artifact_name, log_artifact, make_logger, run_main, task_wrapper, use_artifact
 
 log = logging.getLogger("feta")
+
+
+def check_free(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a compiled directory unless asked to."""
+    if out.exists() and not overwrite:
+        raise UserError(f"out_dir={out}", "exists", "pass overwrite=true to replace it, or out_dir=<another dir>")
 
 
 @task_wrapper
 def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     settings: CompileConfig = OmegaConf.to_object(cfg)  # runs every check before anything is read or written
     spec = CompileSpec(**{name: getattr(settings, name) for name in CompileSpec.__dataclass_fields__})
+    check_path(f"ckpt={settings.ckpt}", settings.ckpt, "directory", "pass a prefix run directory or a PEFT adapter directory")
     out = Path(settings.out_dir) if settings.out_dir else Path(settings.ckpt) / spec.dir_name
-    if out.exists() and not settings.overwrite:
-        raise UserError(f"out_dir={out}", "exists", "pass overwrite=true to replace it, or out_dir=<another dir>")
+    check_output_dir("out_dir", out)
+    check_free(out, settings.overwrite)
 
     source = resolve_source(settings.ckpt, to_spec(cfg, "model") if cfg.model else None,
                             to_spec(cfg, "data") if cfg.data else None, settings.calib_file, settings.base_model)
     # Read (and check) a run's metrics before anything is written; a plain PEFT adapter has none.
     metrics = (runs.read_json(Path(settings.ckpt) / runs.METRICS)
                if source.run_dir is not None and runs.is_finished(source.run_dir) else {})
-    record = compile_run(source, spec, out, merge_dtype=settings.merge_dtype if settings.merge else None)
+    with storage.path_lock(f"out_dir={out}", out):
+        check_free(out, settings.overwrite)  # another compile may have written it meanwhile
+        record = compile_run(source, spec, out, merge_dtype=settings.merge_dtype if settings.merge else None)
     agree = record["next_token"]
     log.info(f"compiled r={spec.rank} in {record['fit_time_s']:.0f} s; residual at the scored positions, "
              f"final layer {record['residual_last_final']:.3f}, mean {record['residual_last_mean']:.3f}; next-token "

@@ -18,11 +18,11 @@ import hydra
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
-from feta import runs
+from feta import runs, storage
 from feta.evaluation import equivalence_analysis, evaluate_run
 from feta.interpolation import interpolate
 from feta.report import build_report, log_to_wandb
-from feta.schema import EvaluateConfig
+from feta.schema import EvaluateConfig, check_output_dir
 from feta.task_vector import task_vector_analysis
 from feta.tracking import cli, compiled_artifact_name, finish_wandb, make_logger, run_main, task_wrapper, use_artifact
 
@@ -79,6 +79,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if settings.analysis is not None:
         return analyze(cfg, settings)
     found = runs.find_runs(ckpt)
+    for run_dir in {ckpt, *found}:  # eval.json, outputs.jsonl and report/ go into them
+        check_output_dir("ckpt", run_dir)
     results, failed = {}, []
     for run_dir in found:
         if _done(run_dir) and not settings.overwrite:
@@ -92,7 +94,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 raise
             failed.append(f"{run_dir}: {e}")
             continue
-        ev = evaluate_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
+        with storage.path_lock(f"ckpt={run_dir}", run_dir / runs.EVAL):
+            if _done(run_dir) and not settings.overwrite:  # another evaluate.py finished it meanwhile
+                results[str(run_dir)] = runs.read_json(run_dir / runs.EVAL)
+                continue
+            ev = evaluate_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
         results[str(run_dir)] = ev
         main = ev["main_metric"]
         log.info(f"{ev['name']}: {main}={ev[main]:.4f}" + (

@@ -19,14 +19,16 @@ import hydra
 import lightning as L
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from feta import runs
+from feta import runs, storage
 from feta.adapters import build_adapter, run_name, trainable_parameters
+from feta.callbacks import StopOnNonFinite
 from feta.checkpoints import AtomicCheckpointIO
 from feta.data import TaskDataModule, TaskKind
 from feta.devices import job_devices
-from feta.errors import UserError
+from feta.errors import UserError, first_line
 from feta.models import load_base_model
 from feta.schema import to_spec
 from feta.tracking import artifact_name, cli, log_artifact, make_logger, output_dir, run_main, sweep_group, task_wrapper
@@ -46,17 +48,24 @@ def instantiate_callback(name: str, node: DictConfig) -> L.Callback:
         raise
 
 
+def finished_or_checked(run_dir, cfg: DictConfig) -> dict[str, Any] | None:
+    """A finished run's metrics (skip_finished), or None once `run_dir` is known to hold no other config."""
+    if cfg.skip_finished and runs.is_finished(run_dir):
+        log.info(f"{run_dir} already finished (skip_finished=true); not retraining")
+        return runs.read_json(run_dir / runs.METRICS)
+    runs.check_same_config(run_dir, cfg)
+    return None
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one adapter; returns (metrics, objects) — objects for tests and notebooks."""
     started_at = time.time()
     model_spec, data_spec, adapter_spec = (to_spec(cfg, k) for k in ("model", "data", "adapter"))
-    OmegaConf.to_object(cfg)  # TrainConfig's own checks (checkpoint_every_n_steps, output_dir), before any write
+    OmegaConf.to_object(cfg)  # TrainConfig's own checks (trainer.*, output_dir), before any write
     run_dir = output_dir(cfg)
-    if cfg.skip_finished and runs.is_finished(run_dir):
-        log.info(f"{run_dir} already finished (skip_finished=true); not retraining")
-        return runs.read_json(run_dir / runs.METRICS), {}
-    runs.check_same_config(run_dir, cfg)
+    if (finished := finished_or_checked(run_dir, cfg)) is not None:
+        return finished, {}
     L.seed_everything(cfg.seed, workers=True)
 
     log.info(f"Loading model <{model_spec.name}> and adding adapter <{adapter_spec.kind}>")
@@ -67,10 +76,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = TaskDataModule(data_spec, tokenizer, seed=cfg.seed)
     datamodule.setup()  # reads and checks the data files before any training
     extra_callbacks = [instantiate_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items()]
-    # Written once every setting and file is checked: a refused run leaves no config.yaml, which would
-    # make the corrected command a "different config" for this output_dir.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / runs.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # Every setting and file is checked: from here this process is the run directory's only writer, and
+    # what another writer may have left meanwhile is looked at again under the lock.
+    with storage.path_lock(f"output_dir={run_dir}", run_dir):
+        if (finished := finished_or_checked(run_dir, cfg)) is not None:
+            return finished, {}
+        return fit(cfg, run_dir, peft_model, tokenizer, datamodule, extra_callbacks, started_at)
+
+
+def fit(cfg: DictConfig, run_dir, peft_model, tokenizer, datamodule: TaskDataModule,
+        extra_callbacks: list[L.Callback], started_at: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (or resume) the checked run in `run_dir` and write its adapter and metrics.json."""
+    model_spec, data_spec, adapter_spec = (to_spec(cfg, k) for k in ("model", "data", "adapter"))
+    n_trainable = trainable_parameters(peft_model)
     task = datamodule.task
     optim = dict(lr=adapter_spec.lr, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
     if task.kind is TaskKind.classification:
@@ -84,9 +102,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ckpt_dir = run_dir / runs.CHECKPOINTS
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps)
-    trainer = hydra.utils.instantiate(cfg.trainer, devices=job_devices(cfg), logger=logger or False,
-                                      callbacks=[checkpoint, *extra_callbacks], default_root_dir=str(run_dir),
-                                      enable_checkpointing=True, plugins=[AtomicCheckpointIO()])
+    try:
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, devices=job_devices(cfg), logger=logger or False, default_root_dir=str(run_dir),
+            callbacks=[StopOnNonFinite(adapter_spec.lr), checkpoint, *extra_callbacks],
+            enable_checkpointing=True, plugins=[AtomicCheckpointIO()])
+    except InstantiationException as e:  # a trainer.* value Lightning refuses that check_trainer does not know
+        if not isinstance(e.__cause__, (MisconfigurationException, TypeError, ValueError)):
+            raise
+        raise UserError("trainer", first_line(e.__cause__), "fix that trainer.* setting") from e
+    # Written once the trainer accepted its settings: a refused run leaves no config.yaml, which would
+    # make the corrected command a "different config" for this output_dir.
+    storage.write_text(run_dir / runs.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
     start = time.perf_counter()
     # "last": the newest last*.ckpt in the checkpoint callback's dirpath, none on a fresh run (Lightning's
@@ -94,6 +121,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint')
         trainer.fit(module, datamodule=datamodule, ckpt_path="last", weights_only=True)
+    if trainer.global_step == 0:  # e.g. trainer.max_time too short for one step
+        raise UserError("trainer", "the run trained no step", "raise trainer.max_steps, max_epochs, "
+                        "limit_train_batches or max_time")
     if module.last_val_step != trainer.global_step:  # no validation ran after the last step
         trainer.validate(module, datamodule=datamodule, verbose=False)
     train_time = time.perf_counter() - start
@@ -123,12 +153,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if not trainer.is_global_zero:  # DDP: only rank 0 writes the run directory
         return metrics, {}
-    peft_model.save_pretrained(str(run_dir / runs.ADAPTER))
+    with storage.atomic_dir(run_dir / runs.ADAPTER) as adapter_dir:
+        peft_model.save_pretrained(str(adapter_dir))
     main = metrics["main_metric"]
     if logger is not None:
         logger.log_metrics({f"final/{main}": metrics[main], "final/trainable_params": n_trainable})
         log_artifact(logger, run_dir / runs.ADAPTER, name=metrics["artifact"])
-    runs.write_json(run_dir / runs.METRICS, metrics)  # last: its presence marks the run finished
+    storage.write_json(run_dir / runs.METRICS, metrics)  # last: its presence marks the run finished
     log.info(f"{main}={metrics[main]:.4f} on {metrics['val_size']} validation inputs ({train_time:.0f} s); {run_dir}")
     return metrics, {"model": peft_model, "tokenizer": tokenizer, "datamodule": datamodule, "trainer": trainer}
 

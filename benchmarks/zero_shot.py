@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from feta import runs
+from feta import storage
 from feta.data import TaskDataModule, TaskKind
 from feta.evaluation import generate, predict
 from feta.metrics import classification_report, generation_metrics
@@ -43,7 +43,7 @@ def main(overrides: list[str]) -> dict:
         result.update(generation_metrics(outputs, dm.references))
         result["examples"] = [{"input": p, "output": o} for p, o in zip(dm.prompts("validation")[:5], outputs)]
     out = ROOT / "benchmarks" / "results" / f"zero_shot-{model_spec.name}-{data_spec.name}.json"
-    runs.write_json(out, result)
+    storage.write_json(out, result)
     main_metric = dm.task.main_metric
     scale = 100 if main_metric == "val_acc" else 1  # accuracy is a fraction, BLEU already 0-100
     print(f"{model_spec.name} zero-shot on {data_spec.name}: {main_metric} {scale * result[main_metric]:.1f} "

@@ -1,4 +1,5 @@
-"""Lightning callbacks a run can add by name (`callbacks.<name>._target_=...` in train.py's config)."""
+"""Lightning callbacks: the guard every run has (`StopOnNonFinite`), and those a run can add by name
+(`callbacks.<name>._target_=...` in train.py's config)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,35 @@ from pathlib import Path
 
 import lightning as L
 import pandas as pd
+import torch
 
 from feta.decoding import decode_texts
-from feta.errors import check_positive
+from feta.errors import UserError, check_positive
 from feta.metrics import generation_metrics
 
 log = logging.getLogger("feta")
 
 SCORES_FILE = "generation_scores.csv"
+
+
+class StopOnNonFinite(L.Callback):
+    """Stops a run whose loss or trainable weights turn nan or inf, naming the step. It runs before that
+    step's checkpoint is written (Lightning calls ModelCheckpoint after the other callbacks), so the run's
+    last.ckpt keeps the last finite weights, and no metrics.json marks the run finished."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            what = f"the training loss is {loss.item()}"
+        elif not all(torch.isfinite(p).all() for p in pl_module.parameters() if p.requires_grad):
+            what = "the trainable weights hold nan or inf"
+        else:
+            return
+        raise UserError(f"training step {trainer.global_step}", what,
+                        f"lower adapter.lr (it is {self.lr:g}) and train into a new output_dir")
 
 
 def _scores_path(trainer: L.Trainer) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from feta import latency, runs
+from feta import latency, runs, storage
 from feta.adapters import WEIGHT_KINDS, load_adapter, merged_copy
 from feta.compile.faithfulness import next_token
 from feta.data import DataSpec, TaskDataModule, TaskKind
@@ -105,7 +105,7 @@ def _generation(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec) ->
         result.update(_on_source_outputs(model, source_model, dm, model_spec, source_outputs, result["bleu"]))
         for row, s in zip(rows, source_outputs):
             row["source_output"] = s
-    runs.write_text(run.run_dir / OUTPUTS, "".join(json.dumps(r) + "\n" for r in rows))
+    storage.write_text(run.run_dir / OUTPUTS, "".join(json.dumps(r) + "\n" for r in rows))
     return result
 
 
@@ -155,7 +155,7 @@ def evaluate_run(run_dir: Path, settings: dict) -> dict[str, Any]:
     result.update(scoring(run, model, dm, model_spec))
     if settings["latency"]["enabled"]:
         result["latency"] = latency_block(model, run.kind, model_spec, dm, settings["latency"])
-    runs.write_json(run.run_dir / runs.EVAL, result)
+    storage.write_json(run.run_dir / runs.EVAL, result)
     return result
 
 

@@ -22,11 +22,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
-from feta.errors import UserError, check_choice
+from feta.errors import UserError, check_choice, check_path, first_line
 
 TOKENIZERS = Path(__file__).parent / "assets" / "tokenizers"
 # Written last into a dequantized GGUF copy: which GGUF file it was made from.
 DEQUANTIZED_FROM = "dequantized_from.json"
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 
 @dataclass
@@ -138,6 +139,12 @@ def dequantize_gguf(spec: ModelSpec) -> Path:
     which `from_pretrained` loads directly. Dequantizing is most of a GGUF load's time, so it runs once per
     GGUF file; a changed file (size or mtime) is dequantized again."""
     gguf = fetch_gguf(spec) / spec.gguf_file
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        where = f"model.path={spec.path}" if spec.path else f"model.gguf_file={spec.gguf_file}"
+        raise UserError(where, f"{gguf} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})",
+                        "point model.path and model.gguf_file at a .gguf model file")
     out = dequantized_dir(spec, gguf)
     stamp = _gguf_stamp(gguf)
     if _is_built(out, stamp):
@@ -190,11 +197,22 @@ def _load(spec_yaml: str):
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        if spec.source == "local" and not Path(spec.path).is_dir():
-            raise UserError(f"model.path={spec.path}", "no such directory", "fix model.path")
+        if spec.source == "local":
+            folder = check_path(f"model.path={spec.path}", spec.path, "directory", "fix model.path")
+            if not (folder / "config.json").is_file():
+                raise UserError(f"model.path={spec.path}", "holds no model transformers can load (no config.json)",
+                                "point model.path at a directory written by save_pretrained")
         path = str(dequantize_gguf(spec)) if spec.source == "gguf" else spec.path
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as e:  # transformers' "not a valid model identifier", "couldn't connect", no config.json
+            if spec.source != "hub":
+                raise UserError(f"model.path={spec.path}", f"holds no model transformers can load ({first_line(e)})",
+                                "point model.path at a directory written by save_pretrained") from e
+            raise UserError(f"model.path={spec.path}", f"cannot be loaded from the hub or its cache ({first_line(e)})",
+                            "offline, use model.source=local with model.path=<a save_pretrained directory>, or fill "
+                            "the hub cache on a machine with network and set HF_HUB_OFFLINE=1") from e
     model.eval()
     return model, tokenizer
 

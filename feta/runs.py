@@ -11,21 +11,18 @@ A training run directory holds::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from feta.adapters import SPECS
 from feta.data import DataSpec
-from feta.errors import UserError
+from feta.errors import UserError, check_path
 from feta.models import ModelSpec
 from feta.schema import TrainConfig, to_spec
 
@@ -52,49 +49,6 @@ def run_dirs(root: str | Path, markers: tuple[str, ...] = (CONFIG, COMPILE)) -> 
     return found
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a file atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; results are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (see `write_text`)."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Write a directory in `<path>.partial` and rename it into place when the block ends without error,
-    so a finished directory appears whole or not at all; a crash leaves only the .partial."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{path} appeared while it was being written")
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 def read_json(path: str | Path, rewritten_by: str = "the step that writes it") -> dict[str, Any]:
     """A JSON file's object; a damaged file is named with the step that rewrites it."""
     path = Path(path)
@@ -118,9 +72,7 @@ def is_finished(run_dir: str | Path) -> bool:
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """The resolved config a training run was made with; errors name what is missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"ckpt={run_dir}", "no such directory", "pass a run directory written by train.py")
+    run_dir = check_path(f"ckpt={run_dir}", run_dir, "directory", "pass a run directory written by train.py")
     cfg_path = run_dir / CONFIG
     if not cfg_path.is_file():
         raise UserError(f"ckpt={run_dir}", f"no {CONFIG}: not a feta run directory",
@@ -227,10 +179,7 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
 
 def find_runs(path: str | Path) -> list[Path]:
     """`path` itself if it is a run or compiled dir (with its compiled dirs), else every one below it."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"ckpt={path}", "no such directory" if not path.exists() else "is a file, not a directory",
-                        "pass a run, compiled or sweep directory")
+    path = check_path(f"ckpt={path}", path, "directory", "pass a run, compiled or sweep directory")
     found = run_dirs(path)
     if not found:
         raise UserError(f"ckpt={path}", "holds no runs", "run `python train.py -m ...` first, then evaluate.py "

@@ -72,13 +72,53 @@ class TrainConfig:
             raise UserError("warmup_steps", f"must be >= 0, got {self.warmup_steps}", "set warmup_steps to 0 or more")
         if self.output_dir is not None:
             check_output_dir("output_dir", Path(self.output_dir))
+        check_trainer(self.trainer or {})
+
+
+# Lightning Trainer settings checked before a run starts: the smallest value that trains (or that Lightning
+# accepts), and the special values it also takes. Below them a run would train no step, or Lightning would
+# stop it with a traceback after the run directory was written.
+TRAINER_MIN = {
+    "max_epochs": (1, (None, -1), "-1: no limit"),
+    "max_steps": (1, (-1,), "-1: no limit"),
+    "min_epochs": (0, (None,), ""),
+    "min_steps": (0, (None,), ""),
+    "accumulate_grad_batches": (1, (), ""),
+    "log_every_n_steps": (1, (), ""),
+    "check_val_every_n_epoch": (1, (None,), "null: validate by val_check_interval"),
+    "num_sanity_val_steps": (-1, (), "-1: all"),
+    "gradient_clip_val": (0, (None,), "null: no clipping"),
+}
+FRACTIONS = ("limit_train_batches", "limit_val_batches", "val_check_interval")  # a share in (0, 1] or a count
+
+
+def check_trainer(trainer: dict[str, Any]) -> None:
+    """Refuse `trainer.*` values that train no step or that Lightning refuses, naming the setting."""
+    for key, (low, special, meaning) in TRAINER_MIN.items():
+        value = trainer.get(key)
+        if key not in trainer or value in special and not isinstance(value, bool):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            also = f" ({meaning})" if meaning else ""
+            what = "trains no step" if key in ("max_epochs", "max_steps") and value == 0 else f"must be >= {low}"
+            raise UserError(f"trainer.{key}={value}", what, f"set trainer.{key} to {low} or more{also}")
+    for key in FRACTIONS:
+        value = trainer.get(key)
+        if value is None or key == "limit_val_batches" and value == 0:  # 0 validation batches: no validation
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+                isinstance(value, float) and value > 1 and not value.is_integer()):
+            what = "trains no step" if key == "limit_train_batches" and value == 0 else "must be a share in (0, 1] or a count >= 1"
+            raise UserError(f"trainer.{key}={value}", what, f"set trainer.{key} to a share in (0, 1] or a count >= 1")
 
 
 def check_output_dir(key: str, path: Path) -> None:
-    """Refuse an output directory that is a file or that cannot be created or written."""
+    """Refuse an output directory that is a file, lies under a file, or cannot be created or written."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{key}={path}", "is a file, not a directory", f"point {key} at a directory")
     parent = next((p for p in (path, *path.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{key}={path}", f"cannot be made: {parent} is a file", f"point {key} at a directory")
     if parent is None or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{key}={path}", f"cannot be written ({parent} is not writable)", f"point {key} elsewhere")
 

@@ -30,7 +30,7 @@ from feta import runs
 from feta.compile.spec import CompileSpec
 from feta.data import Task, TaskKind, make_task
 from feta.decoding import decode_texts
-from feta.errors import UserError, check_positive
+from feta.errors import UserError, check_path, check_positive
 from feta.models import load_base_model
 from feta.scoring import class_log_probs
 
@@ -61,8 +61,8 @@ class AdapterServer:
             if not name or name == BASE:
                 raise UserError(f"adapters.{name}", f"the name is reserved or empty ({BASE} means the base model)",
                                 "pick another name")
-            if not Path(path).is_dir():  # resolve_run would name it ckpt=
-                raise UserError(f"adapters.{name}={path}", "no such directory", "pass a LoRA run or a compiled directory")
+            # Checked here: resolve_run would name it ckpt=
+            check_path(f"adapters.{name}={path}", path, "directory", "pass a LoRA run or a compiled directory")
             run = runs.resolve_run(Path(path))
             if run.kind in ("prefix", "prompt", "gated_prefix"):
                 raise UserError(f"adapters.{name}={path}", f"is a {run.kind} (token adaptation): its rows cannot "
@@ -204,8 +204,8 @@ ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 
 def read_rows(path: str) -> tuple[list[str], list[str]]:
     """(adapter names, texts) from adapter<TAB>text lines."""
-    if path != "-" and not Path(path).is_file():
-        raise UserError(f"input={path}", "no such file", "give a TSV of adapter<TAB>text lines")
+    if path != "-":
+        check_path(f"input={path}", path, "file", "give a TSV of adapter<TAB>text lines")
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from feta import runs
+from feta import runs, storage
 from feta.adapters import WEIGHT_KINDS, load_adapter, lora_delta_weights, merged_copy
 from feta.errors import UserError
 from feta.models import load_base_model
@@ -109,7 +109,7 @@ def task_vector_analysis(ckpt: Path, precision: str, out_dir: Path) -> tuple[dic
     summary = {"ckpt": str(ckpt), **summarize(table, precision)}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"task_vector_{precision}.csv"
-    runs.write_text(path, table.to_csv(index=False))
-    runs.write_json(out_dir / f"task_vector_{precision}.json", summary)
+    storage.write_text(path, table.to_csv(index=False))
+    storage.write_json(out_dir / f"task_vector_{precision}.json", summary)
     summary["csv"] = str(path)
     return summary, table

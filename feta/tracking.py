@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from feta.errors import EXIT_USER_ERROR, UserError, from_config_error
+from feta.errors import EXIT_USER_ERROR, UserError, check_finite, from_config_error
 
 log = logging.getLogger("feta")
 
@@ -149,6 +149,7 @@ def run_main(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     any other exception is a bug and keeps its traceback."""
     try:
         check_required(cfg)
+        check_finite(cfg)
         return task(cfg)
     except UserError as e:
         if _multirun():

@@ -66,9 +66,21 @@ def a_file(tmp: Path, _: dict) -> None:
     (tmp / "afile").write_text("not a directory\n")
 
 
+def a_dir(tmp: Path, _: dict) -> None:
+    (tmp / "adir").mkdir()
+
+
 def read_only_dir(tmp: Path, _: dict) -> None:
     """<T>/ro, a directory nobody may write into (root ignores modes, not the immutable flag)."""
     (tmp / "ro").mkdir()
+    (tmp / "ro").chmod(0o555)
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        subprocess.run(["chattr", "+i", str(tmp / "ro")], capture_output=True, check=False)
+
+
+def read_only_copy(tmp: Path, run: Path) -> None:
+    """A copy of `run` at <T>/ro that nobody may write into."""
+    shutil.copytree(run, tmp / "ro")
     (tmp / "ro").chmod(0o555)
     if os.geteuid() == 0 and shutil.which("chattr"):
         subprocess.run(["chattr", "+i", str(tmp / "ro")], capture_output=True, check=False)
@@ -106,6 +118,25 @@ CASES = [
     Case("train-sweep-hydra-setting", "train", ("-m", *TRAIN, "hydra.sweeper.params.adapter=lora,prefix"),
          r"hydra\.sweeper\.params\.adapter=lora,prefix: sweeps a Hydra setting, which -m cannot do; "
          r"quote the comma list as one value: \"hydra\.sweeper\.params\.adapter='a,b'\""),
+    # --- numbers that are not finite or make no run
+    Case("train-lr-nan", "train", (*TRAIN, "adapter.lr=nan"), r"adapter\.lr=nan: is not a finite number"),
+    Case("train-lr-inf", "train", (*TRAIN, "adapter=lora", "adapter.lr=inf"), r"adapter\.lr=inf: is not a finite number"),
+    Case("train-lr-neg-inf", "train", (*TRAIN, "adapter.lr=-inf"), r"adapter\.lr=-inf: is not a finite number"),
+    Case("train-max-epochs-0", "train", (*TRAIN, "trainer.max_epochs=0"), r"trainer\.max_epochs=0: trains no step"),
+    Case("train-max-steps-0", "train", (*TRAIN, "trainer.max_steps=0"), r"trainer\.max_steps=0: trains no step"),
+    Case("train-max-steps-neg", "train", (*TRAIN, "++trainer.max_steps=-5"),
+         r"trainer\.max_steps=-5: must be >= 1; set trainer\.max_steps to 1 or more \(-1: no limit\)"),
+    Case("train-limit-train-batches-0", "train", (*TRAIN, "++trainer.limit_train_batches=0"),
+         r"trainer\.limit_train_batches=0: trains no step"),
+    Case("train-val-check-interval", "train", (*TRAIN, "++trainer.val_check_interval=1.5"),
+         r"trainer\.val_check_interval=1\.5: must be a share in \(0, 1\] or a count >= 1"),
+    Case("train-grad-clip-nan", "train", (*TRAIN, "trainer.gradient_clip_val=nan"),
+         r"trainer\.gradient_clip_val=nan: is not a finite number"),
+    Case("train-lightning-refuses", "train", (*TRAIN, "trainer.precision=17"), r"trainer: .*17"),
+    Case("compile-ridge-nan", "compile", ("ckpt=<PREFIX>", "ridge=nan"), r"ridge=nan: is not a finite number"),
+    Case("compile-distill-lr-inf", "compile", ("ckpt=<PREFIX>", "distill_lr=inf"), r"distill_lr=inf: is not a finite number"),
+    Case("evaluate-min-run-time-inf", "evaluate", ("ckpt=<LORA>", "latency.min_run_time=inf"),
+         r"latency\.min_run_time=inf: is not a finite number"),
     Case("train-lr-schedule", "train", (*TRAIN, "lr_schedule=step"),
          r"lr_schedule: unknown choice 'step'; use one of constant, linear, cosine"),
     Case("train-warmup-neg", "train", (*TRAIN, "warmup_steps=-1"), r"warmup_steps: must be >= 0, got -1"),
@@ -165,6 +196,46 @@ CASES = [
          r"output_dir=.*/afile: is a file, not a directory", a_file),
     Case("train-output-dir-unwritable", "train", ("debug=fast", "output_dir=<T>/ro/run"),
          r"output_dir=.*/ro/run: cannot be written", read_only_dir),
+    Case("train-output-dir-under-file", "train", ("debug=fast", "output_dir=<T>/afile/run"),
+         r"output_dir=.*/afile/run: cannot be made: .*/afile is a file", a_file),
+    Case("compile-out-dir-under-file", "compile", ("ckpt=<PREFIX>", "out_dir=<T>/afile/c"),
+         r"out_dir=.*/afile/c: cannot be made: .*/afile is a file", a_file),
+    Case("compile-out-dir-unwritable", "compile", ("ckpt=<PREFIX>", "out_dir=<T>/ro/c"),
+         r"out_dir=.*/ro/c: cannot be written", read_only_dir),
+    Case("evaluate-unwritable-run", "evaluate", ("ckpt=<T>/ro",), r"ckpt=.*/ro: cannot be written",
+         lambda tmp, shared: read_only_copy(tmp, shared["lora"])),
+    Case("data-train-file-is-dir", "train", (*TRAIN, *CSV), r"data\.train_file=.*/train\.csv: is a directory, not a file",
+         lambda tmp, _: ((tmp / "train.csv").mkdir(), (tmp / "val.csv").write_text(GOOD_ROWS))),
+    Case("compile-calib-file-is-dir", "compile", ("ckpt=<PREFIX>/adapter", "model=gpt2_tiny", "calib_file=<T>/adir"),
+         r"calib_file=.*/adir: is a directory, not a file", a_dir),
+    Case("serve-input-is-dir", "serve", ("adapters.a=<LORA>", "input=<T>/adir"),
+         r"input=.*/adir: is a directory, not a file", a_dir),
+    Case("serve-adapter-is-file", "serve", ("adapters.a=<T>/afile", "val=2"),
+         r"adapters\.a=.*/afile: is a file, not a directory", a_file),
+    # --- model files
+    Case("train-gguf-not-gguf", "train", (*TRAIN, "model=smollm2", "model.path=<T>", "model.gguf_file=fake.gguf"),
+         r"model\.path=.*: .*/fake\.gguf is not a GGUF file \(it starts with b'not ', not b'GGUF'\)",
+         files(fake__gguf="not a model\n")),
+    Case("train-hub-unreachable", "train", (*TRAIN, "model=gpt2", "model.path=feta-no-such-org/no-such-model"),
+         r"model\.path=feta-no-such-org/no-such-model: cannot be loaded from the hub or its cache .*HF_HUB_OFFLINE"),
+    Case("train-local-model-empty", "train", (*TRAIN, "model=gpt2", "model.source=local", "model.path=<T>/adir"),
+         r"model\.path=.*/adir: holds no model transformers can load", a_dir),
+    Case("train-local-model-file", "train", (*TRAIN, "model=gpt2", "model.source=local", "model.path=<T>/afile"),
+         r"model\.path=.*/afile: is a file, not a directory", a_file),
+    # --- override grammar: the quoted form to type
+    Case("train-prompt-braces", "train", (*TRAIN, "data.prompt={text} ="),
+         r"data\.prompt=\{text\} =: cannot be parsed .*; quote the value, in the shell: \"data\.prompt='\{text\} ='\"$"),
+    Case("train-output-dir-accents", "train", ("debug=fast", "output_dir=<T>/résumé"),
+         r"output_dir=.*/résumé: cannot be parsed .*; quote the value, in the shell: \"output_dir='.*/résumé'\"$"),
+    Case("train-prompt-apostrophe", "train", (*TRAIN, "data.prompt=it's {sentence}:"),
+         r"data\.prompt=it's \{sentence\}:: cannot be parsed .*; quote the value, in the shell: 'data\.prompt=\"it's \{sentence\}:\"'$"),
+    # --- lengths that cannot hold the template
+    Case("train-max-length-below-template", "train", (*TRAIN, "data.max_length=3"),
+         r"data\.max_length=3: cannot hold the template and an input: the template alone is \d+ tokens"),
+    Case("train-e2e-max-length-below-template", "train", (*TRAIN, "data=e2e", "data.max_length=4"),
+         r"data\.max_length=4: cannot hold the template and an input: the template alone is \d+ tokens"),
+    Case("compile-calib-max-length-below-template", "compile", ("ckpt=<PREFIX>", "calib_max_length=2"),
+         r"calib_max_length=2: cannot hold the template and an input: the template alone is \d+ tokens"),
     # --- damaged artifacts
     Case("compile-corrupt-safetensors", "compile", ("ckpt=<T>/copy",),
          r".*/copy/adapter/adapter_model\.safetensors: is corrupt", damaged("prefix", SAFETENSORS, b"\x00\x01garbage")),

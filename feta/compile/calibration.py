@@ -23,7 +23,7 @@ from torch import Tensor
 
 from feta.compile.source import CompileSource
 from feta.compile.spec import CalibDecode, CompileSpec
-from feta.data import IGNORE, TaskDataModule, encode_continuations, encode_prompts, seeded_subset
+from feta.data import IGNORE, TaskDataModule, encode_continuations, encode_prompts, note_clamp, seeded_subset
 from feta.decoding import decode_ids
 from feta.errors import UserError
 
@@ -61,8 +61,10 @@ def calibration_batches(datamodule: TaskDataModule, spec: CompileSpec, seed: int
     examples (held out for the residuals)."""
     datamodule.setup()
     # Seeded apart from the training subset's permutation.
-    calib = seeded_subset(datamodule.splits["train"], spec.calib_size, 1000 + seed + spec.calib_seed)
+    calib = seeded_subset(datamodule.splits["train"], spec.calib_size, 1000 + seed + spec.calib_seed, "calib_size")
     task = datamodule.task
+    note_clamp("eval_size", spec.eval_size, len(datamodule.splits["validation"]))
+    datamodule.task.check_length(spec.calib_max_length, "calib_max_length")
     held_out = task.encode(datamodule.splits["validation"][: spec.eval_size])
     if spec.calib_decode is CalibDecode.reference:
         return task.encode(calib, spec.calib_max_length), held_out
@@ -154,7 +156,7 @@ def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int, ad
     n_held = min(spec.eval_size, max(1, round(HOLD_OUT * len(prompts))))
     held_out = [prompts[i] for i in order[:n_held]]
     rest = [prompts[i] for i in order[n_held:]]
-    calib = seeded_subset(rest, spec.calib_size, 1000 + seed + spec.calib_seed)
+    calib = seeded_subset(rest, spec.calib_size, 1000 + seed + spec.calib_seed, "calib_size")
     max_length = spec.calib_max_length or PROMPT_MAX_LENGTH
     fit = encode_prompts(tokenizer, calib, max_length)
     if spec.calib_decode is not CalibDecode.reference:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from feta import runs
+from feta import runs, storage
 from feta.adapters import compiled_lora_config, load_adapter, merge_in_place
 from feta.compile import memory
 from feta.compile.calibration import Calibration, OwnOutputs, calibrate, continuations
@@ -230,17 +230,17 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
     if calibration.own is not None:
         record["own_outputs"] = own_output_measures(cm, calibration.own, tokenizer, device)
     record["device"], record["dtype"] = str(device), str(dtype).removeprefix("torch.")
-    with runs.atomic_dir(out_dir) as tmp:
+    with storage.atomic_dir(out_dir) as tmp:
         cm.lora.save_pretrained(str(tmp / runs.ADAPTER))
         if merge_dtype is not None:
             check = {k: calibration.held_out[k][:MERGE_CHECK].to(device) for k in ("input_ids", "attention_mask")}
             merged, diff = merge_in_place(cm.lora, merge_dtype, check)
-            with runs.atomic_dir(tmp / "merged") as merged_dir:
+            with storage.atomic_dir(tmp / "merged") as merged_dir:
                 merged.save_pretrained(str(merged_dir), safe_serialization=True)
             record["merge"] = {"dtype": merge_dtype, "max_abs_logit_diff": diff, "path": "merged"}
         record["memory"] = {"estimate_gb": round((need.total + _weights(cm)) / memory.GB, 3),
                             "caches_on": need.store, **memory.peak()}
-        runs.write_json(tmp / runs.COMPILE, record)
+        storage.write_json(tmp / runs.COMPILE, record)
     log.info(f"peak memory: {record['memory']}")
     _warn_if_unfaithful(record["next_token"])
     return record

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from feta import runs
 from feta.adapters import TOKEN_KINDS
 from feta.data import DataSpec
-from feta.errors import UserError
+from feta.errors import UserError, check_path
 from feta.models import ModelSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -186,10 +186,7 @@ def _calibration(data: DataSpec | None, calib_file: str | None) -> list[str] | N
 def read_prompts(path: str | Path) -> list[str]:
     """The non-blank lines of a UTF-8 text file, one prompt each; at least two (one is held out)."""
     where = f"calib_file={path}"
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(where, "no such file" if not path.exists() else "is a directory, not a file",
-                        "pass a UTF-8 text file with one prompt per line")
+    path = check_path(where, path, "file", "pass a UTF-8 text file with one prompt per line")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:

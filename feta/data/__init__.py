@@ -5,7 +5,7 @@
     dm.task.encode(examples)                  # input_ids, attention_mask, labels, scored
 """
 
-from feta.data.datamodule import TaskDataModule, seeded_subset
+from feta.data.datamodule import TaskDataModule, note_clamp, seeded_subset
 from feta.data.files import read_file, read_splits
 from feta.data.spec import DataSource, DataSpec, TaskKind
 from feta.data.tasks import (IGNORE, ClassificationTask, GenerationTask, Task, encode_continuations, encode_prompts,
@@ -13,5 +13,5 @@ from feta.data.tasks import (IGNORE, ClassificationTask, GenerationTask, Task, e
 
 __all__ = [
     "IGNORE", "ClassificationTask", "DataSource", "DataSpec", "GenerationTask", "Task", "TaskDataModule", "TaskKind",
-    "encode_continuations", "encode_prompts", "last_real_token", "make_task", "read_file", "read_splits", "seeded_subset",
+    "encode_continuations", "encode_prompts", "last_real_token", "make_task", "note_clamp", "read_file", "read_splits", "seeded_subset",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator, Sized
 
 import lightning as L
@@ -13,9 +14,19 @@ from feta.data.files import read_splits
 from feta.data.spec import DataSpec, TaskKind
 from feta.data.tasks import Example, make_task
 
+log = logging.getLogger("feta")
 
-def seeded_subset(examples: list, n: int | None, seed: int) -> list:
-    """A fixed seeded sample of `n` examples (all when n is None), the same on every machine."""
+
+def note_clamp(key: str | None, n: int | None, available: int) -> None:
+    """Say so when a size setting asks for more examples than there are (all of them are used)."""
+    if key and n is not None and n > available:
+        log.warning(f"{key}={n} is more than the {available:,} examples there are: using all {available:,}")
+
+
+def seeded_subset(examples: list, n: int | None, seed: int, key: str | None = None) -> list:
+    """A fixed seeded sample of `n` examples (all when n is None), the same on every machine; `key` names
+    the setting that chose `n`, logged when it asks for more than there are."""
+    note_clamp(key, n, len(examples))
     if n is None:
         return examples
     g = torch.Generator().manual_seed(seed)
@@ -108,12 +119,13 @@ class TaskDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         raw = read_splits(self.spec, self.task.columns, self.task.allowed)
-        train = seeded_subset(raw["train"], self.spec.train_limit, self.seed)
+        train = seeded_subset(raw["train"], self.spec.train_limit, self.seed, "data.train_limit")
         val = raw["validation"]
         if self.task.kind is TaskKind.generation:
             refs = self.task.references(val)
             val = self.task.unique_inputs(val)
         if self.spec.val_limit is not None:
+            note_clamp("data.val_limit", self.spec.val_limit, len(val))
             val = val[: self.spec.val_limit] if self.spec.val_seed is None else seeded_subset(
                 val, self.spec.val_limit, self.spec.val_seed)
         if self.task.kind is TaskKind.generation:

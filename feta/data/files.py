@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from feta.data.spec import DataSource, DataSpec
-from feta.errors import UserError
+from feta.errors import UserError, check_path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPLITS = ("train", "validation")
@@ -29,7 +29,7 @@ def _text(path: Path) -> str:
     except (OSError, EOFError) as e:
         raise UserError(str(path), f"cannot be read ({e})", "check the file or give another path") from e
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSV) is not part of the header
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}", "is not UTF-8 text", "save the file as UTF-8 (CSV, TSV or JSON Lines)") from e
@@ -43,12 +43,11 @@ def _format(path: Path) -> str:
     raise UserError(str(path), "has an unknown format", f"name it *{', *'.join(SUFFIXES)} (optionally .gz)")
 
 
-def read_file(path: str | Path, columns: list[str], allowed: dict[str, list[str]] | None = None) -> list[Example]:
+def read_file(path: str | Path, columns: list[str], allowed: dict[str, list[str]] | None = None,
+              key: str | None = None) -> list[Example]:
     """Rows of a CSV, TSV or JSON Lines file, each holding `columns` as non-empty text; a column in
-    `allowed` must hold one of its values (a class label)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(str(path), "no such file", "fix the path")
+    `allowed` must hold one of its values (a class label). `key` names the setting that gave the path."""
+    path = check_path(f"{key}={path}" if key else str(path), path, "file", "fix the path")
     fmt, text = _format(path), _text(path)
     rows: list[tuple[int, dict]] = []
     if fmt in ("jsonl", "json"):
@@ -136,4 +135,5 @@ def read_splits(spec: DataSpec, columns: list[str], allowed: dict[str, list[str]
     """{"train": [...], "validation": [...]} with `columns` in every example (see `read_file`)."""
     if spec.source is DataSource.hub:
         return _hub(spec, columns)
-    return {split: read_file(path, columns, allowed) for split, path in split_files(spec).items()}
+    keys = {"train": "data.train_file", "validation": "data.validation_file"} if spec.train_file else {}
+    return {split: read_file(path, columns, allowed, keys.get(split)) for split, path in split_files(spec).items()}

@@ -47,6 +47,21 @@ class Task:
 
     def __init__(self, spec: DataSpec, tokenizer) -> None:
         self.spec, self.tokenizer = spec, tokenizer
+        self.check_length(spec.max_length, "data.max_length")
+
+    def template_tokens(self) -> int:
+        """Tokens of the template's own text (its fields empty), plus what generation puts before a target."""
+        empty = self.spec.prompt.format_map({k: "" for k in self.spec.prompt_fields})
+        before_target = self.spec.target_prefix if self.kind is TaskKind.generation else ""
+        return len(self.tokenizer(empty + before_target)["input_ids"])
+
+    def check_length(self, max_length: int | None, key: str) -> None:
+        """Refuse a length that leaves no token for an example's own text after the template: the cut
+        would train and score the template alone."""
+        n = self.template_tokens()
+        if max_length is not None and max_length <= n:
+            raise UserError(f"{key}={max_length}", f"cannot hold the template and an input: the template alone is "
+                            f"{n} tokens", f"set {key} well above {n}")
 
     @property
     def columns(self) -> list[str]:

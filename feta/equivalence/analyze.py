@@ -18,7 +18,7 @@ from feta.equivalence.figures import draw_figures
 from feta.equivalence.measures import (check_content_ratios, check_gating, check_linearity, conversion,
                                        prefix_spectrum, span_point)
 from feta.equivalence.verdicts import gating_tol, grid_summary, verdicts
-from feta.runs import write_json
+from feta.storage import write_json
 
 
 def _finite(obj: Any) -> Any:

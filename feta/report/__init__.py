@@ -16,6 +16,8 @@ from typing import Any
 import pandas as pd
 import seaborn as sns
 
+from feta import storage
+
 from feta.report.markdown import markdown
 from feta.report.plots import plot_equiv_heatmap, plot_metric_summary, plot_metric_vs_latency
 from feta.report.table import COLUMNS, collect, complete, reference, task_axes
@@ -47,7 +49,11 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, task: str | None 
     """
     sweep_dir = Path(sweep_dir)
     df, skipped = collect(sweep_dir, task=task)
-    files = write_report(df, df.attrs.get("residuals", {}), Path(out_dir or sweep_dir / "report"), skipped)
+    out = Path(out_dir or sweep_dir / "report")
+    # Written whole or not at all, by one process at a time: a failed or concurrent write keeps the last report.
+    with storage.path_lock(f"report {out}", out), storage.atomic_dir(out) as tmp:
+        files = write_report(df, df.attrs.get("residuals", {}), tmp, skipped)
+    files = {name: out / path.name for name, path in files.items()}
     return {"table": df, "files": files, "skipped": skipped}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from feta.errors import UserError
+from feta.errors import UserError, check_path
 from feta.runs import COMPILE, CONFIG, EVAL, is_finished, read_json, run_dirs
 
 REQUIRED_KEYS = ("kind", "name", "model")
@@ -217,9 +217,7 @@ def collect(sweep_dir: Path, task: str | None = None) -> tuple[pd.DataFrame, lis
     Per-layer residuals of compiled runs are in `df.attrs["residuals"]`, keyed by the row's `run`
     (its path relative to `sweep_dir`), ready for `write_report`.
     """
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise UserError(str(sweep_dir), "no such directory", "pass a sweep directory written by train.py -m")
+    sweep_dir = check_path(str(sweep_dir), sweep_dir, "directory", "pass a sweep directory written by train.py -m")
     rows, residuals, skipped = [], {}, []
     for run_dir in run_dirs(sweep_dir, (CONFIG, COMPILE, EVAL)):
         rel = run_dir.relative_to(sweep_dir).as_posix()
