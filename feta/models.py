@@ -194,8 +194,11 @@ def _load(spec_yaml: str):
         tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(spec))
         config = config_cls(**spec.config, vocab_size=len(tokenizer))
         config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # Its own seed, and the caller's random state left as it was: a run must not depend on whether
+        # this process had the model cached already (a multirun's later jobs do).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         if spec.source == "local":
             folder = check_path(f"model.path={spec.path}", spec.path, "directory", "fix model.path")
