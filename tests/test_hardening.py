@@ -24,7 +24,9 @@ from feta.data import TaskDataModule, read_file
 from feta.errors import UserError
 from feta.models import load_base_model
 from feta.schema import to_spec
-from tests.conftest import ROOT, tiny_train_cfg
+from compile import compile_prefix
+from evaluate import evaluate
+from tests.conftest import ROOT, compile_cfg, compose_cfg, tiny_train_cfg
 from train import train
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -191,3 +193,15 @@ def test_a_size_above_what_there_is_says_both_numbers(tmp_path, caplog):
     assert f"data.train_limit=100000 is more than the {n_train:,} examples there are: using all {n_train:,}" in caplog.text
     assert f"data.val_limit=5000 is more than the {n_val:,} examples there are" in caplog.text
 
+
+
+def test_compile_and_evaluate_meet_a_held_lock(prefix_run, tmp_path):
+    out = tmp_path / "compiled"
+    with storage.path_lock("held by the test", out):
+        with pytest.raises(UserError, match=rf"out_dir={out}: is being written by process {os.getpid()} "):
+            compile_prefix(compile_cfg(prefix_run, f"out_dir={out}", "~logger"))
+    assert not out.exists()
+    with storage.path_lock("held by the test", prefix_run / "eval.json"):
+        with pytest.raises(UserError, match=rf"ckpt={prefix_run}: is being written by process {os.getpid()} "):
+            evaluate(compose_cfg("evaluate", [f"ckpt={prefix_run}", "~logger", "latency.enabled=false",
+                                              "overwrite=true"]))
