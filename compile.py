@@ -19,11 +19,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from feta import runs, storage
+from feta.cli import cli, run_main, task_wrapper
 from feta.compile import compile_run, resolve_source
 from feta.compile.spec import CompileConfig, CompileSpec
 from feta.errors import UserError, check_path
 from feta.schema import check_output_dir, to_spec
-from feta.tracking import cli, compiled_artifact_name, log_artifact, make_logger, run_main, task_wrapper, use_artifact
+from feta.tracking import compiled_artifact_name, log_artifact, make_logger, use_artifact
 
 log = logging.getLogger("feta")
 

@@ -19,12 +19,13 @@ import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from feta import runs, storage
+from feta.cli import cli, run_main, task_wrapper
 from feta.evaluation import equivalence_analysis, evaluate_run
 from feta.interpolation import interpolate
 from feta.report import build_report, log_to_wandb
 from feta.schema import EvaluateConfig, check_output_dir
 from feta.task_vector import task_vector_analysis
-from feta.tracking import cli, compiled_artifact_name, finish_wandb, make_logger, run_main, task_wrapper, use_artifact
+from feta.tracking import compiled_artifact_name, finish_wandb, make_logger, use_artifact
 
 log = logging.getLogger("feta")
 

@@ -18,10 +18,10 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from feta.cli import cli, run_main
 from feta.data import read_splits
 from feta.metrics import generation_metrics
 from feta.serving import BASE, AdapterServer, ServeConfig, read_rows
-from feta.tracking import cli, run_main
 
 
 def serve(cfg: DictConfig) -> list[dict]:

@@ -26,12 +26,13 @@ from feta import runs, storage
 from feta.adapters import build_adapter, run_name, trainable_parameters
 from feta.callbacks import StopOnNonFinite
 from feta.checkpoints import AtomicCheckpointIO
+from feta.cli import cli, run_main, task_wrapper
 from feta.data import TaskDataModule, TaskKind
 from feta.devices import job_devices
 from feta.errors import UserError, first_line
 from feta.models import load_base_model
 from feta.schema import to_spec
-from feta.tracking import artifact_name, cli, log_artifact, make_logger, output_dir, run_main, sweep_group, task_wrapper
+from feta.tracking import artifact_name, log_artifact, make_logger, output_dir, sweep_group
 from feta.training import ClassifierModule, GeneratorModule
 
 log = logging.getLogger("feta")

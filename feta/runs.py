@@ -1,21 +1,10 @@
-"""The run-directory contract: what train, compile and evaluate write, and how a run is read back.
-
-A training run directory holds::
-
-    config.yaml     resolved Hydra config
-    adapter/        PEFT save_pretrained (adapter_config.json + adapter_model.safetensors)
-    checkpoints/    Lightning last.ckpt (trainable tensors only) for resuming
-    metrics.json    written last, atomically: its presence means the run finished
-    wandb/          offline W&B run
-"""
+"""How a run directory is read back: its config as specs, its adapter checked, its kind (prefix, LoRA,
+compiled, ...) resolved. The files themselves and their names are feta.storage's."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
@@ -25,50 +14,8 @@ from feta.data import DataSpec
 from feta.errors import UserError, check_path
 from feta.models import ModelSpec
 from feta.schema import TrainConfig, to_spec
-
-CONFIG = "config.yaml"
-ADAPTER = "adapter"
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.json"
-COMPILE = "compile.json"  # a compiled directory's record (compile.py)
-EVAL = "eval.json"  # evaluate.py's result, in any run or compiled directory
-# Subtrees that hold other tools' files, some named config.yaml/.json (Hydra's .hydra/, W&B's files/).
-NOT_RUNS = {"wandb", "adapter", "checkpoints", "report", "merged", "csv", "analysis", "__pycache__"}
-# metrics.json must carry these keys, and the value its `main_metric` names, to count as a finished run.
-FINISHED_KEYS = ("global_step", "trainable_params")
-
-
-def run_dirs(root: str | Path, markers: tuple[str, ...] = (CONFIG, COMPILE)) -> list[Path]:
-    """Every directory under `root` (itself included) that holds one of `markers`, in sorted order;
-    other tools' subtrees and dot directories (.hydra, .hydra-compile) are not entered."""
-    found = []
-    for here, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in NOT_RUNS and not d.startswith("."))
-        if any(m in files for m in markers):
-            found.append(Path(here))
-    return found
-
-
-def read_json(path: str | Path, rewritten_by: str = "the step that writes it") -> dict[str, Any]:
-    """A JSON file's object; a damaged file is named with the step that rewrites it."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(str(path), f"is not valid JSON ({e})", f"delete it and rerun {rewritten_by}") from e
-    if not isinstance(data, dict):
-        raise UserError(str(path), "holds no JSON object", f"delete it and rerun {rewritten_by}")
-    return data
-
-
-def is_finished(run_dir: str | Path) -> bool:
-    """True when the training run wrote a complete metrics.json."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return False
-    metrics = read_json(path, "train.py with the same output_dir (skip_finished=false)")
-    return all(k in metrics for k in FINISHED_KEYS) and metrics.get("main_metric", "val_acc") in metrics
-
+# The file names and readers are storage's; callers that load runs reach them here as runs.<name>.
+from feta.storage import ADAPTER, CHECKPOINTS, COMPILE, CONFIG, EVAL, METRICS, is_finished, read_json, run_dirs  # noqa: F401
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """The resolved config a training run was made with; errors name what is missing."""

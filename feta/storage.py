@@ -1,4 +1,12 @@
-"""Writing results so that nothing finished is lost: atomic files and directories, one writer per path.
+"""The files of a run directory, and writing them so that nothing finished is lost.
+
+A training run directory holds::
+
+    config.yaml     resolved Hydra config
+    adapter/        PEFT save_pretrained (adapter_config.json + adapter_model.safetensors)
+    checkpoints/    Lightning last.ckpt (trainable tensors only) for resuming
+    metrics.json    written last, atomically: its presence means the run finished
+    wandb/          offline W&B run
 
 - `write_text` / `write_json` / `atomic_dir`: a file or directory appears whole or not at all; a crash or
   a failed write (a full disk) leaves the previous version in place.
@@ -22,6 +30,50 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from feta.errors import UserError
+
+CONFIG = "config.yaml"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.json"
+COMPILE = "compile.json"  # a compiled directory's record (compile.py)
+EVAL = "eval.json"  # evaluate.py's result, in any run or compiled directory
+# Subtrees that hold other tools' files, some named config.yaml/.json (Hydra's .hydra/, W&B's files/).
+NOT_RUNS = {"wandb", "adapter", "checkpoints", "report", "merged", "csv", "analysis", "__pycache__"}
+# metrics.json must carry these keys, and the value its `main_metric` names, to count as a finished run.
+FINISHED_KEYS = ("global_step", "trainable_params")
+
+
+def run_dirs(root: str | Path, markers: tuple[str, ...] = (CONFIG, COMPILE)) -> list[Path]:
+    """Every directory under `root` (itself included) that holds one of `markers`, in sorted order;
+    other tools' subtrees and dot directories (.hydra, .hydra-compile) are not entered."""
+    found = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in NOT_RUNS and not d.startswith("."))
+        if any(m in files for m in markers):
+            found.append(Path(here))
+    return found
+
+
+def read_json(path: str | Path, rewritten_by: str = "the step that writes it") -> dict[str, Any]:
+    """A JSON file's object; a damaged file is named with the step that rewrites it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"is not valid JSON ({e})", f"delete it and rerun {rewritten_by}") from e
+    if not isinstance(data, dict):
+        raise UserError(str(path), "holds no JSON object", f"delete it and rerun {rewritten_by}")
+    return data
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """True when the training run wrote a complete metrics.json."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return False
+    metrics = read_json(path, "train.py with the same output_dir (skip_finished=false)")
+    return all(k in metrics for k in FINISHED_KEYS) and metrics.get("main_metric", "val_acc") in metrics
+
 
 
 @contextlib.contextmanager

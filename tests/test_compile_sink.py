@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from compile import compile_prefix
 from feta import runs
 from feta.compile.sink import collect_rows, fit_layer, merged_key_value, sink_direction
-from feta.equivalence.attention import rotate
+from feta.attention import rotate
 from feta.models import load_base_model
 from tests.conftest import compile_cfg
 

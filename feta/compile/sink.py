@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from feta.equivalence.attention import rotate
+from feta.attention import rotate
 
 # PEFT kinds whose source is key/value slots in every layer (feta/compile/views.py).
 SLOT_KINDS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")

@@ -22,11 +22,11 @@ Modules, each importing only those below it: analyze (the entry point) -> measur
 -> capture (the model: modules, weights, caches, captured inputs) -> attention (pure tensor math).
 """
 
+from feta.attention import additive_mask, attend, content_allowed
 from feta.equivalence.analyze import analyze
-from feta.equivalence.attention import (EPS, TARGETS, Group, additive_mask, attend, content_allowed,
-                                        content_log_attention, design, group_map, jacobian, outside_energy,
-                                        perturbation, random_lowrank, rank_formulas, ratio_change, ridge_residuals,
-                                        span_basis)
+from feta.equivalence.attention import (EPS, TARGETS, Group, content_log_attention, design, group_map, jacobian,
+                                        outside_energy, perturbation, random_lowrank, rank_formulas, ratio_change,
+                                        ridge_residuals, span_basis)
 from feta.equivalence.capture import (attention_modules, capture_inputs, geometry, group_delta, layer_groups,
                                       lora_deltas_by_layer, math_weight, module_call, prefix_of, project, text_prefix)
 from feta.equivalence.measures import check_content_ratios, check_gating, check_linearity

@@ -14,7 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from feta.adapters import lora_delta_weights
-from feta.equivalence.attention import KV, TARGETS, Group, Inputs, Rotary, attend, content_allowed, rotate
+from feta.attention import attend, content_allowed, rotate
+from feta.equivalence.attention import KV, TARGETS, Group, Inputs, Rotary
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -10,10 +10,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from feta.equivalence.attention import (ALPHAS, KV, TARGETS, Inputs, Rotary, additive_mask, content_allowed,
-                                        content_log_attention, design, gate, jacobian, outside_energy, perturbation,
-                                        random_lowrank, rank_formulas, ratio_change, remainders, ridge_residuals, rotate,
-                                        span_basis, truncate)
+from feta.attention import additive_mask, content_allowed, gate, rotate
+from feta.equivalence.attention import (ALPHAS, KV, TARGETS, Inputs, Rotary, content_log_attention, design, jacobian,
+                                        outside_energy, perturbation, random_lowrank, rank_formulas, ratio_change,
+                                        remainders, ridge_residuals, span_basis, truncate)
 from feta.equivalence.capture import (attention_modules, capture_inputs, geometry, group_delta, layer_groups,
                                       math_weight, module_call, project)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from feta.errors import UserError, check_path
-from feta.runs import COMPILE, CONFIG, EVAL, is_finished, read_json, run_dirs
+from feta.storage import COMPILE, CONFIG, EVAL, is_finished, read_json, run_dirs
 
 REQUIRED_KEYS = ("kind", "name", "model")
 TASKS = ("classification", "generation")
