@@ -163,9 +163,6 @@ class GatedPrefixSpec:
 
 SPECS = {"prefix": PrefixSpec, "lora": LoraSpec, "prompt": PromptSpec, "ia3": IA3Spec, "gated_prefix": GatedPrefixSpec}
 AdapterSpec = PrefixSpec | LoraSpec | PromptSpec | IA3Spec | GatedPrefixSpec
-# Token adaptations act through extra keys/values or inputs; weight-space ones change W and merge.
-TOKEN_KINDS = ("prefix", "prompt", "gated_prefix")
-WEIGHT_KINDS = ("lora", "ia3")
 
 cs = ConfigStore.instance()
 for _name, _spec in SPECS.items():

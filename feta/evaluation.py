@@ -16,12 +16,13 @@ import lightning as L
 import torch
 
 from feta import latency, runs, storage
-from feta.adapters import WEIGHT_KINDS, load_adapter, merged_copy
+from feta.adapters import load_adapter, merged_copy
 from feta.compile.faithfulness import next_token
 from feta.data import DataSpec, TaskDataModule, TaskKind
 from feta.decoding import decode_texts
 from feta.equivalence import analyze
 from feta.errors import UserError
+from feta.kinds import KINDS
 from feta.metrics import classification_report, generation_metrics
 from feta.models import load_base_model
 from feta.scoring import scored_logits
@@ -64,7 +65,7 @@ def latency_block(model, kind: str, model_spec, datamodule: TaskDataModule, sett
     """Base vs adapter (vs merged, for weight-space adapters) in this process, interleaved."""
     base, _ = load_base_model(model_spec)
     candidates = {"adapter": model}
-    if kind in (*WEIGHT_KINDS, "compiled"):  # weight-space: the merged model is the deployed form
+    if KINDS[kind].mergeable:  # the merged model is the deployed form
         candidates["merged"] = merged_copy(model)
     prompts = datamodule.prompts("validation", max(settings["batches"]))
     enc = datamodule.tokenizer(prompts, padding="max_length", truncation=True, max_length=settings["prompt_len"],

@@ -24,10 +24,10 @@ from safetensors.torch import load_file  # noqa: E402
 from feta import runs  # noqa: E402
 from feta.data import TaskDataModule, TaskKind  # noqa: E402
 from feta.errors import UserError  # noqa: E402
+from feta.kinds import kinds  # noqa: E402
 from feta.evaluation import load_models, predict  # noqa: E402
 
-# Kinds whose whole adapter is a tensor of virtual-token parameters (PEFT prompt learning).
-INTERPOLABLE = ("prefix", "prompt")
+INTERPOLABLE = kinds(interpolable=True)
 
 
 def check_pair(run_a: Path, run_b: Path):

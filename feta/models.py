@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from feta.errors import UserError, check_choice, check_path, first_line
 
 TOKENIZERS = Path(__file__).parent / "assets" / "tokenizers"
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's Hydra configs
 # Written last into a dequantized GGUF copy: which GGUF file it was made from.
 DEQUANTIZED_FROM = "dequantized_from.json"
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
@@ -177,6 +178,17 @@ def dequantize_gguf(spec: ModelSpec) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def named_model(name: str) -> ModelSpec:
+    """The ModelSpec of `conf/model/<name>.yaml`, for code that runs without Hydra (tests, benchmarks):
+    one definition of each tiny test model."""
+    path = CONF / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"model={name}", "no such model config", f"add {path}")
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    node.pop("defaults", None)
+    return ModelSpec(**node)
 
 
 def _tokenizer_path(spec: ModelSpec) -> str:

@@ -31,6 +31,7 @@ from feta.compile.spec import CompileSpec
 from feta.data import Task, TaskKind, make_task
 from feta.decoding import decode_texts
 from feta.errors import UserError, check_path, check_positive
+from feta.kinds import KINDS, kinds
 from feta.models import load_base_model
 from feta.scoring import class_log_probs
 
@@ -64,11 +65,15 @@ class AdapterServer:
             # Checked here: resolve_run would name it ckpt=
             check_path(f"adapters.{name}={path}", path, "directory", "pass a LoRA run or a compiled directory")
             run = runs.resolve_run(Path(path))
-            if run.kind in ("prefix", "prompt", "gated_prefix"):
+            if KINDS[run.kind].compilable:
                 raise UserError(f"adapters.{name}={path}", f"is a {run.kind} (token adaptation): its rows cannot "
                                 "share a forward pass with other adapters",
                                 f"compile it first (python compile.py ckpt={path}) and serve "
                                 f"{Path(path) / CompileSpec().dir_name}")
+            if not KINDS[run.kind].mixed_batch:
+                raise UserError(f"adapters.{name}={path}", f"is a {run.kind} run: PEFT runs only "
+                                f"{' and '.join(kinds(mixed_batch=True))} adapters together in one batch",
+                                "serve it alone with evaluate.py, or train a LoRA")
             resolved[name] = run
         first_name, first = next(iter(resolved.items()))
         model_spec, data_spec, _ = runs.run_specs(first.cfg)

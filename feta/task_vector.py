@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from feta import runs, storage
-from feta.adapters import WEIGHT_KINDS, load_adapter, lora_delta_weights, merged_copy
+from feta.adapters import load_adapter, lora_delta_weights, merged_copy
 from feta.errors import UserError
+from feta.kinds import KINDS
 from feta.models import load_base_model
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -95,9 +96,9 @@ def summarize(table: pd.DataFrame, precision: str) -> dict[str, Any]:
 
 def task_vector_analysis(ckpt: Path, precision: str, out_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     target = runs.resolve_run(ckpt)
-    if target.kind not in ("lora", "compiled"):
+    if not KINDS[target.kind].low_rank:
         hint = ("compile it first (compile.py ckpt=<run>) and pass the compiled-r* dir"
-                if target.kind not in WEIGHT_KINDS else "only LoRA adapters have a B·A delta to compare with")
+                if KINDS[target.kind].compilable else "only LoRA adapters have a B·A delta to compare with")
         raise UserError(f"ckpt={ckpt}", f"is a {target.kind} run; analysis=task_vector takes a LoRA run or a "
                         "compiled dir", hint)
     model_spec, _, _ = runs.run_specs(target.cfg)

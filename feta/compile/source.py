@@ -19,14 +19,14 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 
 from feta import runs
-from feta.adapters import TOKEN_KINDS
 from feta.data import DataSpec
 from feta.errors import UserError, check_path
+from feta.kinds import KINDS, kinds
 from feta.models import ModelSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-# PEFT's token adaptations and the feta kind each compiles as (feta.adapters.TOKEN_KINDS).
+# PEFT's token adaptations and the feta kind each compiles as (feta.kinds: compilable).
 PEFT_KINDS = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt",
               "ADAPTION_PROMPT": "gated_prefix"}
 # config.json's model_type -> feta's architecture family (feta.models.ModelSpec.arch).
@@ -87,9 +87,9 @@ def check_source(run_dir: str | Path, model_override: str | None = None) -> tupl
                         f"({ADAPTER_CONFIG})", "pass a directory train.py wrote, or one PEFT's save_pretrained wrote")
     cfg = runs.load_run_config(run_dir)
     kind = cfg.adapter.kind
-    if kind not in TOKEN_KINDS:
+    if not KINDS[kind].compilable:
         raise UserError(f"ckpt={run_dir}", f"is a {kind} run; compile turns a token adaptation "
-                        f"({', '.join(TOKEN_KINDS)}) into LoRA",
+                        f"({', '.join(kinds(compilable=True))}) into LoRA",
                         f"a {kind} adapter is already weight-space: merge it with PEFT's merge_and_unload")
     if model_override and model_override != cfg.model.name:
         raise UserError(f"base_model={model_override}", f"but the prefix in ckpt={run_dir} was trained on "

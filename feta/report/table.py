@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 
 from feta.errors import UserError, check_path
+from feta.kinds import BASE_ROW, KINDS
 from feta.storage import COMPILE, CONFIG, EVAL, is_finished, read_json, run_dirs
 
 REQUIRED_KEYS = ("kind", "name", "model")
 TASKS = ("classification", "generation")
 # Deployed form first: a merged LoRA is what one ships; a prefix has only its adapter form.
 DEPLOYED = ("merged", "adapter")
-KIND_ORDER = ("base", "prefix", "prompt", "gated_prefix", "lora", "ia3", "compiled")
+KIND_ORDER = (BASE_ROW, *KINDS)
 
 
 @dataclass(frozen=True)
