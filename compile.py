@@ -55,13 +55,14 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     agree = record["next_token"]
     log.info(f"compiled r={spec.rank} in {record['fit_time_s']:.0f} s; residual at the scored positions, "
              f"final layer {record['residual_last_final']:.3f}, mean {record['residual_last_mean']:.3f}; next-token "
-             f"agreement {agree['agreement']:.3f} (base model {agree['base_agreement']:.3f}), KL {agree['kl']:.4f} "
-             f"(base model {agree['base_kl']:.4f}); {out}")
+             f"agreement {agree['next_token_agreement']:.3f} (base model {agree['base_next_token_agreement']:.3f}), KL "
+             f"{agree['next_token_kl']:.4f} (base model {agree['base_next_token_kl']:.4f}); {out}")
     if "own_outputs" in record:
         own = record["own_outputs"]
         log.info(f"on the source's own greedy continuations of {own['prompts']} held-out prompts: identical "
-                 f"{own['identical']:.1%}, BLEU against them {own['bleu_vs_source']:.1f}, next-token agreement "
-                 f"{own['agreement']:.3f} (base model {own['base_agreement']:.3f}), KL {own['kl']:.4f}")
+                 f"{own['identical_outputs']:.1%}, BLEU against them {own['bleu_vs_source']:.1f}, token agreement "
+                 f"{own['own_token_agreement']:.3f} (base model {own['base_own_token_agreement']:.3f}), KL "
+                 f"{own['own_token_kl']:.4f}")
 
     logger = make_logger(cfg, out, job_type="compile", name=f"{metrics.get('name', source.ckpt.name)}->r{spec.rank}",
                          group=metrics.get("wandb_group"))

@@ -1,12 +1,12 @@
 """Serve several adapters on one base model, a mixed batch per forward pass (feta/serving.py): classify
 inputs, or continue them for a generation task (E2E), each row through its own adapter.
 
-    python serve.py adapters.lora=multirun/<date>/<time>/1 adapters.compiled=multirun/<date>/<time>/0/compiled-r4 val=64
+    python serve.py adapters.lora=multirun/<date>/<time>/1 adapters.compiled=multirun/<date>/<time>/0/compiled-r4 val_limit=64
     python serve.py adapters.lora=<run> adapters.compiled=<run>/compiled-r4 input=rows.tsv   # adapter<TAB>text lines
 
 Each adapters.NAME=DIR loads a LoRA run or a compiled prefix under NAME; `__base__` names the base model.
-val=N serves the first N validation inputs of the adapters' task, the adapters taking turns row by
-row, and prints each adapter's accuracy (generation: BLEU against all references of its inputs).
+val_limit=N serves N validation inputs of the adapters' task (the first N, or with val_seed a seeded
+sample: the subset evaluate.py scores), the adapters taking turns row by row, and prints each adapter's accuracy (generation: BLEU against all references of its inputs).
 Output: one JSON line per row (adapter, input, class and scores; or output).
 """
 
@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from feta.cli import cli, run_main
-from feta.data import read_splits
+from feta.data import TaskDataModule
 from feta.metrics import generation_metrics
 from feta.serving import BASE, AdapterServer, ServeConfig, read_rows
 
@@ -28,16 +28,16 @@ def serve(cfg: DictConfig) -> list[dict]:
     settings: ServeConfig = OmegaConf.to_object(cfg)
     server = AdapterServer.from_runs(dict(settings.adapters))
     task, truth = server.task, None
-    if settings.val is not None:
-        rows = read_splits(task.spec, task.columns, task.allowed)["validation"]
-        if server.generates:  # one row per distinct input, scored against all of its references
-            references = task.references(rows)
-            rows = task.unique_inputs(rows)
-        rows = rows[: settings.val]
+    if settings.val_limit is not None:
+        # The validation subset evaluate.py and training score (generation: one row per distinct input,
+        # scored against all of its references).
+        dm = TaskDataModule(task.spec.with_validation(settings.val_limit, settings.val_seed), server.tokenizer)
+        dm.setup()
+        rows = dm.splits["validation"]
         rotation = server.adapters + ([BASE] if settings.base else [])
         texts = [{c: ex[c] for c in task.spec.prompt_fields} for ex in rows]
         names = [rotation[i % len(rotation)] for i in range(len(rows))]
-        truth = [references[task.prompt(ex)] if server.generates else task.label(ex) for ex in rows]
+        truth = dm.references if server.generates else [task.label(ex) for ex in rows]
     else:
         names, texts = read_rows(settings.input)
     out = []

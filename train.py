@@ -30,6 +30,7 @@ from feta.cli import cli, run_main, task_wrapper
 from feta.data import TaskDataModule, TaskKind
 from feta.devices import job_devices
 from feta.errors import UserError, first_line
+from feta.metrics import DIRECTION, TRAIN_METRICS
 from feta.models import load_base_model
 from feta.schema import to_spec
 from feta.tracking import artifact_name, log_artifact, make_logger, output_dir, sweep_group
@@ -76,6 +77,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log.info(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in peft_model.parameters()):,}")
     datamodule = TaskDataModule(data_spec, tokenizer, seed=cfg.seed)
     datamodule.setup()  # reads and checks the data files before any training
+    recorded = TRAIN_METRICS[datamodule.task.kind.value]
+    if cfg.optimized_metric is not None and cfg.optimized_metric not in recorded:
+        raise UserError(f"optimized_metric={cfg.optimized_metric}", f"is not recorded by a "
+                        f"{datamodule.task.kind.value} run", f"use one of {', '.join(recorded)}")
     extra_callbacks = [instantiate_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items()]
     # Every setting and file is checked: from here this process is the run directory's only writer, and
     # what another writer may have left meanwhile is looked at again under the lock.
@@ -134,7 +139,7 @@ def fit(cfg: DictConfig, run_dir, peft_model, tokenizer, datamodule: TaskDataMod
         **scores,  # val_acc and val_macro_f1 (classification), val_loss, val_token_acc (generation)
         "task": task.kind.value,
         # Generation's BLEU needs decoding (evaluate.py); training reports the teacher-forced loss.
-        "main_metric": "val_acc" if task.kind is TaskKind.classification else "val_loss",
+        "main_metric": task.train_metric,  # higher is better (BLEU needs decoding: evaluate.py)
         "val_size": len(datamodule.splits["validation"]),
         "global_step": trainer.global_step,
         "resumed_from_step": module.start_step,
@@ -170,8 +175,14 @@ def main(cfg: DictConfig) -> float | None:
     result = run_main(train, cfg)
     if result is None:  # a multirun job refused its settings (reported above)
         return None
-    metrics = result[0]
-    return metrics[metrics["main_metric"]]  # the value a Hydra sweeper optimizes
+    return sweep_value(result[0], cfg.optimized_metric)
+
+
+def sweep_value(metrics: dict[str, Any], optimized_metric: str | None = None) -> float:
+    """The value a Hydra sweeper optimizes: `optimized_metric` (null: the task's main metric), signed so
+    that higher is better whatever the metric (a loss comes back negated)."""
+    name = optimized_metric or metrics["main_metric"]
+    return DIRECTION[name] * metrics[name]
 
 
 if __name__ == "__main__":

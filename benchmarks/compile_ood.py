@@ -13,14 +13,12 @@ rows and writes them to benchmarks/results/compile_ood-<source data>-<texts>.csv
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
 from feta import runs
-from feta.adapters import load_adapter
 from feta.compile.faithfulness import next_token
 from feta.compile.tokens import micro_batches
 from feta.data import TaskDataModule, encode_prompts
@@ -49,8 +47,7 @@ def main() -> None:
     run = runs.resolve_run(args.compiled)
     model_spec, data_spec, _ = runs.run_specs(run.cfg)
     base, tokenizer = load_base_model(model_spec)
-    source = load_adapter(copy.deepcopy(base), run.source_dir / runs.ADAPTER).eval()
-    compiled = load_adapter(copy.deepcopy(base), args.compiled / runs.ADAPTER).eval()
+    source, compiled = runs.adapted_model(run, source=True)[0], runs.adapted_model(run)[0]
     own = TaskDataModule(data_spec, tokenizer, seed=int(run.cfg.seed))
     own.setup()
     inputs = own.splits["validation"][: args.n]

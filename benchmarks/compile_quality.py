@@ -142,7 +142,9 @@ def main() -> None:
         rows.append({
             "method": name, "settings": " ".join(SETTINGS[name]),
             label: scale * ev[main], "Δ vs prefix (pts)": scale * (ev[main] - source[main]),
-            "agreement %": 100 * ev["agreement_with_source"],  # generation: identical greedy outputs
+            # class agreement, or for generation the share of identical greedy outputs
+            "agreement %": 100 * (ev["class_agreement"] if ev.get("class_agreement") is not None
+                                  else ev["identical_outputs"]),
             **({"token agreement %": 100 * ev["token_agreement"], "BLEU vs prefix output": ev["bleu_vs_source"],
                 "ROUGE-L": ev["rouge_l"]} if main == "bleu" else {}),
             "residual last, final layer": rec["residuals"]["last"][-1],

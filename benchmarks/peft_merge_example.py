@@ -59,8 +59,9 @@ def main() -> None:
     newest = max(args.out.glob("compiled-r*/compile.json"), key=lambda path: path.stat().st_mtime_ns)
     record = json.loads(newest.read_text())
     nt = record["next_token"]
-    print(f"next token on {nt['positions']} held-out SST-2 positions: agreement {nt['agreement']:.3f} "
-          f"(base model {nt['base_agreement']:.3f}), KL {nt['kl']:.4f} nats (base model {nt['base_kl']:.4f})")
+    print(f"next token on {nt['positions']} held-out SST-2 positions: agreement {nt['next_token_agreement']:.3f} "
+          f"(base model {nt['base_next_token_agreement']:.3f}), KL {nt['next_token_kl']:.4f} nats (base model "
+          f"{nt['base_next_token_kl']:.4f})")
 
 
 if __name__ == "__main__":

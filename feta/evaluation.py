@@ -1,5 +1,6 @@
 """Evaluate one run (an adapter or a compiled prefix) on its task's validation split: the task's metrics,
-agreement with the source prefix, latency against the base model; written to <run>/eval.json.
+agreement with the source prefix (class agreement, identical outputs, token agreement), latency against
+the base model; written to <run>/eval.json.
 
 Classification: accuracy, macro-F1, per-class accuracy, confusion (torchmetrics, the code path training
 validates with). Generation: greedy outputs through feta's cached decoder (outputs.jsonl), corpus BLEU
@@ -16,12 +17,10 @@ import lightning as L
 import torch
 
 from feta import latency, runs, storage
-from feta.adapters import load_adapter, merged_copy
+from feta.adapters import merged_copy
 from feta.compile.faithfulness import next_token
-from feta.data import DataSpec, TaskDataModule, TaskKind
+from feta.data import TaskDataModule, TaskKind
 from feta.decoding import decode_texts
-from feta.equivalence import analyze
-from feta.errors import UserError
 from feta.kinds import KINDS
 from feta.metrics import classification_report, generation_metrics
 from feta.models import load_base_model
@@ -34,8 +33,7 @@ OUTPUTS = "outputs.jsonl"
 def load_models(run: runs.ResolvedRun):
     """(model with its adapter, tokenizer, model spec, data spec) for a resolved run."""
     model_spec, data_spec, _ = runs.run_specs(run.cfg)
-    base, tokenizer = load_base_model(model_spec)
-    model = load_adapter(base, run.run_dir / runs.ADAPTER).eval()
+    model, tokenizer = runs.adapted_model(run)
     return model, tokenizer, model_spec, data_spec
 
 
@@ -87,7 +85,7 @@ def _classification(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec
     if run.kind == "compiled":
         source = _source_predictions(run, dm, model_spec)
         n = min(len(source), len(result["predictions"]))
-        result["agreement_with_source"] = float(
+        result["class_agreement"] = float(
             (torch.tensor(source[:n]) == torch.tensor(result["predictions"][:n])).float().mean())
     return result
 
@@ -97,9 +95,9 @@ def _generation(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec) ->
     result = {**generation_metrics(outputs, dm.references), "val_size": len(outputs), "outputs": OUTPUTS}
     rows = [{"input": p, "output": o, "references": r} for p, o, r in zip(dm.prompts("validation"), outputs, dm.references)]
     if run.kind == "compiled":  # agreement with the source prefix, on the references and on its own outputs
-        source_model = load_adapter(load_base_model(model_spec)[0], run.source_dir / runs.ADAPTER).eval()
+        source_model = runs.adapted_model(run, source=True)[0]
         source_outputs = _source_outputs(run, dm, source_model)
-        result["agreement_with_source"] = sum(a == b for a, b in zip(outputs, source_outputs)) / len(outputs)
+        result["identical_outputs"] = sum(a == b for a, b in zip(outputs, source_outputs)) / len(outputs)
         result["token_agreement"] = float((teacher_forced_predictions(model, dm)
                                            == teacher_forced_predictions(source_model, dm)).float().mean())
         result["bleu_vs_source"] = generation_metrics(outputs, [[s] for s in source_outputs])["bleu"]
@@ -118,13 +116,12 @@ def _on_source_outputs(model, source_model, dm: TaskDataModule, model_spec, sour
     base = load_base_model(model_spec)[0].eval()
     column, size = dm.spec.target_column, dm.spec.eval_batch_size
     own = [{**ex, column: out} for ex, out in zip(dm.splits["validation"], source_outputs)]
-    agree = next_token(base, source_model, model, [dm.task.encode(own[i:i + size]) for i in range(0, len(own), size)])
+    agree = next_token(base, source_model, model, [dm.task.encode(own[i:i + size]) for i in range(0, len(own), size)],
+                       "own_token")
     base_bleu = generation_metrics(generate(base, dm), dm.references)["bleu"]
     source_bleu = generation_metrics(source_outputs, dm.references)["bleu"]
     gain = source_bleu - base_bleu
-    return {"own_token_agreement": agree["agreement"], "own_kl": agree["kl"],
-            "own_base_token_agreement": agree["base_agreement"], "own_base_kl": agree["base_kl"],
-            "base_bleu": base_bleu, "source_bleu": source_bleu,
+    return {**{k: v for k, v in agree.items() if k != "positions"}, "base_bleu": base_bleu, "source_bleu": source_bleu,
             "gain_recovered": (bleu - base_bleu) / gain if abs(gain) > 1e-9 else None}
 
 
@@ -132,8 +129,7 @@ def evaluate_run(run_dir: Path, settings: dict) -> dict[str, Any]:
     """Evaluate one run and write <run_dir>/eval.json (atomically); returns it."""
     run = runs.resolve_run(run_dir)
     model, tokenizer, model_spec, data_spec = load_models(run)
-    if settings.get("val_limit"):
-        data_spec.val_limit = settings["val_limit"]
+    data_spec = data_spec.with_validation(settings.get("val_limit"), settings.get("val_seed"))
     dm = TaskDataModule(data_spec, tokenizer, seed=run.cfg.seed)
     dm.setup()
     task = dm.task
@@ -144,11 +140,14 @@ def evaluate_run(run_dir: Path, settings: dict) -> dict[str, Any]:
         "model": model_spec.name,
         "task": task.kind.value,
         "main_metric": task.main_metric,
+        "val_limit": data_spec.val_limit,  # with val_seed (and val_size): which validation inputs were scored
+        "val_seed": data_spec.val_seed,
         "m": run.cfg.adapter.get("m"),
         "r": run.record["rank"] if run.kind == "compiled" else run.cfg.adapter.get("r"),
         # A loaded adapter is frozen, so count what training reported (compiled: the LoRA's tensors).
         "trainable_params": _lora_params(model) if run.kind == "compiled" else run.record["trainable_params"],
-        "agreement_with_source": None,
+        "class_agreement": None,  # classification: the share of predicted classes equal to the source's
+        "identical_outputs": None,  # generation: the share of greedy outputs identical to the source's
         "residuals": run.record["residuals"] if run.kind == "compiled" else None,
         "latency": None,
     }
@@ -171,9 +170,7 @@ def _source_predictions(run: runs.ResolvedRun, dm: TaskDataModule, model_spec) -
         ev = runs.read_json(path, "evaluate.py")
         if len(ev.get("predictions", [])) == len(dm.splits["validation"]):
             return ev["predictions"]
-    base, _ = load_base_model(model_spec)
-    prefix = load_adapter(base, run.source_dir / runs.ADAPTER).eval()
-    return predict(prefix, dm)[0].tolist()
+    return predict(runs.adapted_model(run, source=True)[0], dm)[0].tolist()
 
 
 def _source_outputs(run: runs.ResolvedRun, dm: TaskDataModule, source_model) -> list[str]:
@@ -184,35 +181,3 @@ def _source_outputs(run: runs.ResolvedRun, dm: TaskDataModule, source_model) -> 
         if [r["input"] for r in rows] == dm.prompts("validation"):
             return [r["output"] for r in rows]
     return generate(source_model, dm)
-
-
-def validation_batch(data_spec: DataSpec, tokenizer, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The first n validation examples as one batch (analyses linearize around them)."""
-    dm = TaskDataModule(data_spec, tokenizer, seed=seed)
-    dm.setup()
-    return dm.collate(dm.splits["validation"][:n])
-
-
-def equivalence_analysis(prefix_run: Path, lora_run: Path | None, out_dir: Path, settings: dict) -> dict:
-    """`evaluate.py analysis=equivalence`: the FETA measurements (feta/equivalence/) at a trained prefix
-    (and a trained LoRA, if given), on the first validation examples."""
-    run = runs.resolve_run(prefix_run)
-    if run.kind != "prefix":
-        raise UserError(f"ckpt={prefix_run}", f"is a {run.kind} run", "analysis=equivalence takes a prefix run")
-    model_spec, data_spec, spec = runs.run_specs(run.cfg)
-    base, tokenizer = load_base_model(model_spec)
-    prefix = load_adapter(load_base_model(model_spec)[0], run.run_dir / runs.ADAPTER).eval()
-    lora = None
-    if lora_run is not None:
-        other = runs.resolve_run(lora_run)
-        if other.kind != "lora" or other.cfg.model.name != model_spec.name:
-            raise UserError(f"lora={lora_run}", f"is a {other.kind} run on {other.cfg.model.name}",
-                            f"pass a LoRA run on {model_spec.name}")
-        lora = load_adapter(load_base_model(model_spec)[0], other.run_dir / runs.ADAPTER).eval()
-    batch = validation_batch(data_spec, tokenizer, settings["sentences"], run.cfg.seed)
-    init_ids = None
-    if spec.init == "text":
-        # The whole text: the span grid builds text-init prefixes of every m it visits (up to 32), not just spec.m.
-        init_ids = tokenizer(spec.init_text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    return analyze(base, prefix, lora, batch["input_ids"], batch["attention_mask"], Path(out_dir),
-                   layers=settings.get("layers"), heads=settings.get("heads"), init_ids=init_ids)

@@ -1,6 +1,6 @@
 """Interpolating two trained prefixes (or two soft prompts): θ(w) = (1 − w)·θ_A + w·θ_B.
 
-    python evaluate.py analysis=interpolate ckpt=<prefix run A> analysis.other=<prefix run B> 'analysis.weights=[0,0.5,1]'
+    python analyze.py analysis=interpolate ckpt=<prefix run A> analysis.other=<prefix run B> 'analysis.weights=[0,0.5,1]'
 
 A cheap probe of the loss landscape between two token adaptations of the same shape (same model,
 kind and m; e.g. two seeds, or two lengths of training). Writes <A>/analysis/interpolation.csv and
@@ -47,12 +47,12 @@ def check_pair(run_a: Path, run_b: Path):
     return a, b
 
 
-def interpolate(run_a: Path, run_b: Path, weights: list[float], out_dir: Path, val_limit: int | None = None) -> pd.DataFrame:
+def interpolate(run_a: Path, run_b: Path, weights: list[float], out_dir: Path, val_limit: int | None = None,
+                val_seed: int | None = None) -> pd.DataFrame:
     """Accuracy along the straight line between two prefixes; writes CSV and plot to out_dir."""
     a, b = check_pair(Path(run_a), Path(run_b))
     model, tokenizer, _, data_spec = load_models(a)
-    if val_limit:
-        data_spec.val_limit = val_limit
+    data_spec = data_spec.with_validation(val_limit, val_seed)
     if data_spec.task is not TaskKind.classification:
         raise UserError("analysis=interpolate", f"scores accuracy; {a.run_dir} is a {data_spec.task.value} run",
                         "interpolate classification runs")

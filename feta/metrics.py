@@ -13,6 +13,13 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
                                          MulticlassRecall)
 
 
+# Which way is better for each metric a run records: +1 higher, -1 lower. A sweep's objective is returned
+# times its sign, so that higher always means better to the sweeper.
+DIRECTION = {"val_acc": 1, "val_macro_f1": 1, "val_token_acc": 1, "val_loss": -1, "bleu": 1, "rouge_l": 1}
+# What each task kind's training validation records (metrics.json), the choices of `optimized_metric`.
+TRAIN_METRICS = {"classification": ("val_acc", "val_macro_f1", "val_loss"), "generation": ("val_token_acc", "val_loss")}
+
+
 def classification_metrics(num_classes: int) -> MetricCollection:
     """val_acc (micro accuracy), macro_f1, per_class_acc (each class's recall: the accuracy on its
     examples) and confusion (rows true class, columns predicted), keyed as in eval.json.

@@ -9,13 +9,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
-from feta.adapters import SPECS
+from feta.adapters import SPECS, load_adapter
 from feta.data import DataSpec
 from feta.errors import UserError, check_path
-from feta.models import ModelSpec
+from feta.models import ModelSpec, load_base_model
 from feta.schema import TrainConfig, to_spec
 # The file names and readers are storage's; callers that load runs reach them here as runs.<name>.
 from feta.storage import ADAPTER, CHECKPOINTS, COMPILE, CONFIG, EVAL, METRICS, is_finished, read_json, run_dirs  # noqa: F401
+
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """The resolved config a training run was made with; errors name what is missing."""
@@ -122,6 +123,13 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
                         f"delete it and rerun train.py with output_dir={run_dir} skip_finished=false")
     adapter_dir(run_dir)
     return ResolvedRun(run_dir, cfg.adapter.kind, read_json(run_dir / METRICS)["name"], cfg, read_json(run_dir / METRICS))
+
+
+def adapted_model(run: ResolvedRun, source: bool = False):
+    """(the base model with the run's adapter, in eval mode; its tokenizer): one fresh base model per call.
+    `source`: the adapter a compiled run was compiled from."""
+    base, tokenizer = load_base_model(run_specs(run.cfg)[0])
+    return load_adapter(base, (run.source_dir if source else run.run_dir) / ADAPTER).eval(), tokenizer
 
 
 def find_runs(path: str | Path) -> list[Path]:

@@ -16,6 +16,7 @@ import feta.adapters  # noqa: F401
 import feta.data.spec  # noqa: F401
 import feta.models  # noqa: F401
 from feta.errors import UserError, check_choice, check_positive
+from feta.metrics import DIRECTION
 
 
 def to_spec(cfg: DictConfig, key: str, spec_cls: type | None = None):
@@ -64,6 +65,9 @@ class TrainConfig:
     callbacks: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra Lightning callbacks by name."})
     lr_schedule: str = field(default="constant", metadata={"help": "constant, or linear / cosine decay to 0 at the last step."})
     warmup_steps: int = field(default=0, metadata={"help": "Steps of linear warmup from 0 to adapter.lr."})
+    optimized_metric: str | None = field(default=None, metadata={
+        "help": "The metrics.json value a Hydra sweeper optimizes, returned so that higher is better "
+                "(val_loss: its negative); null = the task's (val_acc; generation: val_token_acc)."})
 
     def __post_init__(self) -> None:
         check_positive("checkpoint_every_n_steps", self.checkpoint_every_n_steps)
@@ -73,6 +77,8 @@ class TrainConfig:
         if self.output_dir is not None:
             check_output_dir("output_dir", Path(self.output_dir))
         check_trainer(self.trainer or {})
+        if self.optimized_metric is not None:
+            check_choice("optimized_metric", self.optimized_metric, tuple(DIRECTION))
 
 
 # Lightning Trainer settings checked before a run starts: the smallest value that trains (or that Lightning
@@ -190,10 +196,27 @@ class EvaluateConfig:
 
     ckpt: str = field(default=MISSING, metadata={"help": "A run, compiled or sweep directory."})
     overwrite: bool = field(default=False, metadata={"help": "Re-evaluate runs that already have an eval.json."})
-    val_limit: int | None = field(default=None, metadata={"help": "Score this many validation inputs; null = all."})
+    val_limit: int | None = field(default=None, metadata={"help": "Score this many validation inputs; null = the "
+                                                                   "run's data.val_limit."})
+    val_seed: int | None = field(default=None, metadata={"help": "Which of them (a seeded sample); null = the run's "
+                                                                 "data.val_seed."})
     report: bool = field(default=True, metadata={"help": "For a sweep dir: write report/ after evaluating."})
-    analysis: Any = field(default=None, metadata={"help": "conf/analysis/*: equivalence | task_vector | interpolate."})
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    logger: Any = None
+
+    def __post_init__(self) -> None:
+        check_positive("val_limit", self.val_limit, allow_none=True)
+
+
+@dataclass
+class AnalyzeConfig:
+    """Schema of `conf/analyze.yaml`."""
+
+    ckpt: str = field(default=MISSING, metadata={"help": "The run (or compiled dir) to analyze."})
+    analysis: Any = field(default=MISSING, metadata={"help": "conf/analysis/*: equivalence | task_vector | interpolate."})
+    val_limit: int | None = field(default=None, metadata={"help": "interpolate: score this many validation inputs; "
+                                                                   "null = the run's data.val_limit."})
+    val_seed: int | None = field(default=None, metadata={"help": "interpolate: which of them; null = the run's."})
     logger: Any = None
 
     def __post_init__(self) -> None:
@@ -203,6 +226,7 @@ class EvaluateConfig:
 cs = ConfigStore.instance()
 cs.store(name="train_schema", node=TrainConfig)
 cs.store(name="evaluate_schema", node=EvaluateConfig)
+cs.store(name="analyze_schema", node=AnalyzeConfig)
 for _name, _node in (("equivalence", EquivalenceAnalysis), ("task_vector", TaskVectorAnalysis),
                      ("interpolate", InterpolateAnalysis)):
     cs.store(group="analysis", name=f"{_name}_schema", node=_node)

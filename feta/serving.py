@@ -16,6 +16,7 @@ pass. Compile the prefix first and serve its `compiled-r<r>/`.
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from hydra.core.config_store import ConfigStore
 from peft import PeftModel
 
 from feta import runs
-from feta.compile.spec import CompileSpec
 from feta.data import Task, TaskKind, make_task
 from feta.decoding import decode_texts
 from feta.errors import UserError, check_path, check_positive
@@ -36,6 +36,7 @@ from feta.models import load_base_model
 from feta.scoring import class_log_probs
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+log = logging.getLogger("feta")
 
 
 class AdapterServer:
@@ -68,8 +69,8 @@ class AdapterServer:
             if KINDS[run.kind].compilable:
                 raise UserError(f"adapters.{name}={path}", f"is a {run.kind} (token adaptation): its rows cannot "
                                 "share a forward pass with other adapters",
-                                f"compile it first (python compile.py ckpt={path}) and serve "
-                                f"{Path(path) / CompileSpec().dir_name}")
+                                f"compile it first (python compile.py ckpt={path}) and serve its compiled "
+                                f"directory, {Path(path)}/compiled-r<rank>")
             if not KINDS[run.kind].mixed_batch:
                 raise UserError(f"adapters.{name}={path}", f"is a {run.kind} run: PEFT runs only "
                                 f"{' and '.join(kinds(mixed_batch=True))} adapters together in one batch",
@@ -191,16 +192,24 @@ class ServeConfig:
 
     adapters: dict[str, str] = field(default_factory=dict, metadata={"help": "name -> run or compiled dir."})
     input: str | None = field(default=None, metadata={"help": "TSV of adapter<TAB>text lines; '-' = stdin."})
-    val: int | None = field(default=None, metadata={"help": "Classify the first N validation inputs."})
+    val_limit: int | None = field(default=None, metadata={"help": "Serve this many validation inputs of the "
+                                                                   "adapters' task (the data module's subset)."})
+    val_seed: int | None = field(default=None, metadata={"help": "Which of them; null = the run's data.val_seed."})
+    val: int | None = field(default=None, metadata={"help": "Alias of val_limit (warns)."})
     batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
-    base: bool = field(default=True, metadata={"help": "With val: the base model takes turns too."})
+    base: bool = field(default=True, metadata={"help": "With val_limit: the base model takes turns too."})
 
     def __post_init__(self) -> None:
         if not self.adapters:
             raise UserError("adapters", "none given", "pass adapters.<name>=<run dir or compiled dir>")
-        if (self.input is None) == (self.val is None):
-            raise UserError("input", "give exactly one of input=<file> and val=<N>", "e.g. val=64")
-        check_positive("val", self.val, allow_none=True)
+        if self.val is not None:
+            if self.val_limit is not None:
+                raise UserError("val", "is an alias of val_limit, and both are given", "give val_limit alone")
+            log.warning("serve.py's val is an alias of val_limit, the key evaluate.py and training use too")
+            self.val_limit, self.val = self.val, None
+        if (self.input is None) == (self.val_limit is None):
+            raise UserError("input", "give exactly one of input=<file> and val_limit=<N>", "e.g. val_limit=64")
+        check_positive("val_limit", self.val_limit, allow_none=True)
         check_positive("batch_size", self.batch_size)
 
 

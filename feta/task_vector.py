@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from feta import runs, storage
-from feta.adapters import load_adapter, lora_delta_weights, merged_copy
+from feta.adapters import lora_delta_weights, merged_copy
 from feta.errors import UserError
 from feta.kinds import KINDS
 from feta.models import load_base_model
@@ -104,7 +104,7 @@ def task_vector_analysis(ckpt: Path, precision: str, out_dir: Path) -> tuple[dic
     model_spec, _, _ = runs.run_specs(target.cfg)
     base, _ = load_base_model(model_spec)
     base = base.float()  # the reference: fp32 weights, as trained and saved
-    lora_model = load_adapter(copy.deepcopy(base), target.run_dir / runs.ADAPTER).eval()
+    lora_model = runs.adapted_model(target)[0].float()
     with torch.no_grad():
         table = task_vector_table(base, lora_model, precision)
     summary = {"ckpt": str(ckpt), **summarize(table, precision)}

@@ -10,6 +10,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from feta import runs
 from feta.errors import UserError
 
 log = logging.getLogger("feta")
@@ -105,3 +106,18 @@ def finish_wandb() -> None:
             wandb.finish()
     except ImportError:
         pass
+
+
+def run_logger(cfg: DictConfig, log_dir: Path, job_type: str, name: str, run_dir: Path):
+    """A W&B logger for a step that reads `run_dir` (evaluate, analyze): in the training run's sweep group,
+    with the adapter it reads declared as its input (train -> compile -> evaluate). None unless W&B logs."""
+    run = runs.resolve_run(run_dir)
+    metrics = runs.read_json(run.training_dir / runs.METRICS) if runs.is_finished(run.training_dir) else {}
+    logger = make_logger(cfg, log_dir, job_type=job_type, name=name, group=metrics.get("wandb_group"))
+    if logger is None or type(logger).__name__ != "WandbLogger":
+        return None
+    artifact = metrics.get("artifact")
+    if artifact and run.source_dir is not None:
+        artifact = compiled_artifact_name(artifact, run.run_dir)  # the compiled adapter compile.py logged
+    use_artifact(logger, artifact, run.run_dir / runs.ADAPTER)
+    return logger

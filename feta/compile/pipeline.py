@@ -254,18 +254,18 @@ def own_output_measures(cm: CompileModel, own: OwnOutputs, tokenizer, device: to
     texts = [[tokenizer.decode(c, skip_special_tokens=True).strip() for c in rows] for rows in (compiled, own.continuations)]
     batches = _to(micro_batches(own.batch, MEASURE_BATCH), device)
     return {"prompts": len(own.prompts),
-            "identical": sum(a == b for a, b in zip(compiled, own.continuations)) / len(own.prompts),
+            "identical_outputs": sum(a == b for a, b in zip(compiled, own.continuations)) / len(own.prompts),
             "bleu_vs_source": generation_metrics(texts[0], [[t] for t in texts[1]])["bleu"],
-            **next_token(cm.base, cm.source, cm.compiled, batches)}
+            **next_token(cm.base, cm.source, cm.compiled, batches, "own_token")}
 
 
 def _warn_if_unfaithful(agree: dict[str, float]) -> None:
     """One warning line when the compiled model predicts the source's next token barely more often than
     the base model does (where the source changes anything at all)."""
-    gap = 1.0 - agree["base_agreement"]
-    if gap > 0.01 and agree["agreement"] - agree["base_agreement"] < CLEARLY_ABOVE * gap:
-        log.warning(f"the compiled model barely follows its source: next-token agreement {agree['agreement']:.3f}, "
-                    f"the base model's {agree['base_agreement']:.3f}; try method=sink where the source has "
+    ours, base = agree["next_token_agreement"], agree["base_next_token_agreement"]
+    if 1.0 - base > 0.01 and ours - base < CLEARLY_ABOVE * (1.0 - base):
+        log.warning(f"the compiled model barely follows its source: next-token agreement {ours:.3f}, "
+                    f"the base model's {base:.3f}; try method=sink where the source has "
                     "key/value slots, a larger rank or calib_size, or preset=faithful")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass, field
 from enum import Enum
@@ -104,6 +105,13 @@ class DataSpec:
             check_positive(f"data.{key}", getattr(self, key), allow_none=True)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise UserError("data.num_workers", f"must be an int >= 0, got {self.num_workers!r}", "0 = load in the main process")
+
+    def with_validation(self, val_limit: int | None = None, val_seed: int | None = None) -> "DataSpec":
+        """This spec with another validation subset (None keeps this spec's own). Every entry point scores
+        the subset the data module picks from these two keys: the first val_limit inputs, or with
+        val_seed a seeded sample of them; eval.json records both."""
+        return dataclasses.replace(self, val_limit=self.val_limit if val_limit is None else val_limit,
+                                   val_seed=self.val_seed if val_seed is None else val_seed)
 
     @property
     def prompt_fields(self) -> list[str]:

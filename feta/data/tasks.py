@@ -43,7 +43,8 @@ class Task:
     """What both task kinds share: the template, the tokenizer, and the columns a file must hold."""
 
     kind: TaskKind
-    main_metric: str
+    main_metric: str  # what evaluate.py reports, higher is better
+    train_metric: str  # what training's validation measures, higher is better (a sweep's default objective)
 
     def __init__(self, spec: DataSpec, tokenizer) -> None:
         self.spec, self.tokenizer = spec, tokenizer
@@ -93,6 +94,7 @@ class ClassificationTask(Task):
 
     kind = TaskKind.classification
     main_metric = "val_acc"
+    train_metric = "val_acc"
 
     def __init__(self, spec: DataSpec, tokenizer) -> None:
         super().__init__(spec, tokenizer)
@@ -132,7 +134,8 @@ class GenerationTask(Task):
     """A target text after the prompt. Training is teacher-forced on the target tokens (and EOS)."""
 
     kind = TaskKind.generation
-    main_metric = "bleu"
+    main_metric = "bleu"  # needs decoding: evaluate.py
+    train_metric = "val_token_acc"  # teacher-forced top-1 on the targets
 
     @property
     def columns(self) -> list[str]:

@@ -48,13 +48,13 @@ def _columns(task: str, metric: Metric, lat: Latency) -> list[tuple[str, Cell]]:
     params = [("trainable params", lambda row: fmt(row.trainable_params, ","))]
     if task == "generation":
         return (head + [("ROUGE-L", pct("rouge_l"))] + latency + params
-                + [("agreement %", pct("agreement")), ("token agreement %", pct("token_agreement")),
+                + [("identical outputs %", pct("identical_outputs")), ("token agreement %", pct("token_agreement")),
                    ("on source outputs %", pct("own_token_agreement")), ("BLEU vs source", pct("bleu_vs_source")),
                    ("gain kept %", pct("gain_recovered")), ("residual (last) mean / max", _residual)])
     return (head + [("macro-F1 %", pct("macro_f1"))] + latency
             + [("decode µs/token", lambda row: _fmt_time(row.decode_us)),
                ("decode ratio", lambda row: _fmt_ratio(row.decode_ratio, row.decode_ratio_iqr))]
-            + params + [("agreement %", pct("agreement")), ("residual (last) mean / max", _residual),
+            + params + [("class agreement %", pct("class_agreement")), ("residual (last) mean / max", _residual),
                         (f"ref {metric_header(metric)}", pct("ref_metric")),
                         ("ref latency µs/token", lambda row: fmt(row.ref_latency_us, ".1f"))])
 
@@ -73,13 +73,14 @@ def _intro(df: pd.DataFrame, task: str, metric: Metric, lat: Latency) -> list[st
     if task == "generation":
         return [f"BLEU (0-100, corpus BLEU against all references) and ROUGE-L (0-100) on {sizes} validation "
                 f"inputs; {len(df)} evaluated run(s). " + timing,
-                "Agreement: share of inputs whose greedy output equals the source prefix's; token agreement: share "
-                "of teacher-forced next-token predictions equal to the source's, on the references; on source "
+                "Identical outputs: share of inputs whose greedy output equals the source prefix's; token agreement: "
+                "share of teacher-forced next-token predictions equal to the source's, on the references; on source "
                 "outputs: the same on the source's own greedy outputs; BLEU vs source: the compiled model's outputs "
                 "scored against the source prefix's; gain kept: (BLEU − base) / (source − base)."]
     residuals = reference_residuals()
     return [f"Validation {metric.name} ({metric.unit}) on {sizes} examples; {len(df)} evaluated run(s). " + timing,
-            "Agreement: share of a compiled model's predictions equal to its source prefix's. Reference columns: "
+            "Class agreement: share of a compiled model's predicted classes equal to its source prefix's. Reference "
+            "columns: "
             "the reference run (GPT-2 small on CUDA, so its latency is not comparable with another device"
             + (f"; its compiled residuals were {residuals}" if residuals else "")
             + "), filled only where model and setting match."]

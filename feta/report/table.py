@@ -70,11 +70,11 @@ LATENCY = {
 
 COLUMNS = [
     "name", "kind", "model", "task", "m", "r", "trainable_params", "metric", "metric_name",
-    "val_acc", "macro_f1", "bleu", "rouge_l", "agreement", "token_agreement", "bleu_vs_source",
+    "val_acc", "macro_f1", "bleu", "rouge_l", "class_agreement", "identical_outputs", "token_agreement", "bleu_vs_source",
     "own_token_agreement", "gain_recovered",
     "latency_us", "latency_ratio", "latency_ratio_iqr", "decode_us", "decode_ms", "decode_ratio", "decode_ratio_iqr",
     "residual_last_mean", "residual_last_max", "residual_content_mean", "ref_metric", "ref_latency_us", "ref_note",
-    "latency_form", "device", "dtype", "threads", "val_size", "run",
+    "latency_form", "device", "dtype", "threads", "val_size", "val_limit", "val_seed", "run",
 ]
 
 
@@ -172,7 +172,8 @@ def _row(ev: dict[str, Any], rel: str) -> dict[str, Any]:
         "metric": _scaled(ev[metric.key], metric.scale), "metric_name": metric.name,
         "val_acc": _scaled(ev.get("val_acc")), "macro_f1": _scaled(ev.get("macro_f1")),
         "bleu": _scaled(ev.get("bleu"), 1.0), "rouge_l": _scaled(ev.get("rouge_l"), 1.0),
-        "agreement": _scaled(ev.get("agreement_with_source")), "token_agreement": _scaled(ev.get("token_agreement")),
+        "class_agreement": _scaled(ev.get("class_agreement")), "identical_outputs": _scaled(ev.get("identical_outputs")),
+        "token_agreement": _scaled(ev.get("token_agreement")),
         "bleu_vs_source": _scaled(ev.get("bleu_vs_source"), 1.0),
         "own_token_agreement": _scaled(ev.get("own_token_agreement")), "gain_recovered": _scaled(ev.get("gain_recovered")),
         "latency_us": latency_us, "latency_ratio": latency_ratio, "latency_ratio_iqr": latency_ratio_iqr,
@@ -186,7 +187,8 @@ def _row(ev: dict[str, Any], rel: str) -> dict[str, Any]:
         if ref else None,
         "latency_form": decode_form if LATENCY[task].phase == "decode" else prefill_form,
         "device": (lat or {}).get("device"), "dtype": (lat or {}).get("dtype"),
-        "threads": (lat or {}).get("threads"), "val_size": ev.get("val_size"), "run": rel,
+        "threads": (lat or {}).get("threads"), "val_size": ev.get("val_size"),
+        "val_limit": ev.get("val_limit"), "val_seed": ev.get("val_seed"), "run": rel,
     }
 
 
@@ -231,6 +233,7 @@ def collect(sweep_dir: Path, task: str | None = None) -> tuple[pd.DataFrame, lis
         if ev.get("residuals"):
             residuals[rel] = ev["residuals"]
     rows = _one_task(rows, sweep_dir, task)
+    _one_subset(rows, sweep_dir)
     if not rows:
         hint = f"run train.py -m … then evaluate.py ckpt={sweep_dir}"
         of = f" of task {task}" if task else ""
@@ -253,6 +256,19 @@ def collect(sweep_dir: Path, task: str | None = None) -> tuple[pd.DataFrame, lis
                       "compare rows only within one model", stacklevel=2)
     df.attrs["residuals"] = {run: res for run, res in residuals.items() if run in set(df["run"])}
     return df, skipped
+
+
+def _one_subset(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+    """Refuse a table whose rows were scored on different validation inputs: side by side they would
+    compare the subsets, not the adapters."""
+    subsets: dict[tuple, list[str]] = {}
+    for row in rows:
+        subsets.setdefault((row["val_size"], row["val_limit"], row["val_seed"]), []).append(row["run"])
+    if len(subsets) > 1:
+        said = "; ".join(f"{', '.join(runs[:3])}{' …' if len(runs) > 3 else ''} on {size} inputs (val_limit={limit}, "
+                         f"val_seed={seed})" for (size, limit, seed), runs in subsets.items())
+        raise UserError(str(sweep_dir), f"holds runs scored on different validation subsets: {said}",
+                        f"score them on one: python evaluate.py ckpt={sweep_dir} overwrite=true [val_limit=N]")
 
 
 def complete(df: pd.DataFrame) -> pd.DataFrame:
