@@ -61,7 +61,7 @@ class ModelSpec:
                             "give the file name, e.g. model.gguf_file=model.Q4_1.gguf")
         if self.source == "random" and not self.config:
             raise UserError("model.config", "is required for model.source=random",
-                            "give the architecture's settings, e.g. '+model.config={n_layer: 2, n_embd: 64}'")
+                            "give the architecture's settings, e.g. '+model.config={n_layer: 4, n_embd: 128}'")
 
 
 ConfigStore.instance().store(group="model", name="model_schema", node=ModelSpec)
