@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from feta import runs, storage
+from feta import runs
 from feta.cli import cli, run_main, task_wrapper
 from feta.compile import compile_run, resolve_source
 from feta.compile.spec import CompileConfig, CompileSpec
@@ -29,12 +29,6 @@ from feta.tracking import compiled_artifact_name, log_artifact, make_logger, use
 log = logging.getLogger("feta")
 
 
-def check_free(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a compiled directory unless asked to."""
-    if out.exists() and not overwrite:
-        raise UserError(f"out_dir={out}", "exists", "pass overwrite=true to replace it, or out_dir=<another dir>")
-
-
 @task_wrapper
 def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     settings: CompileConfig = OmegaConf.to_object(cfg)  # runs every check before anything is read or written
@@ -42,16 +36,16 @@ def compile_prefix(cfg: DictConfig) -> dict[str, Any]:
     check_path(f"ckpt={settings.ckpt}", settings.ckpt, "directory", "pass a prefix run directory or a PEFT adapter directory")
     out = Path(settings.out_dir) if settings.out_dir else Path(settings.ckpt) / spec.dir_name
     check_output_dir("out_dir", out)
-    check_free(out, settings.overwrite)
+    if out.exists() and not settings.overwrite:
+        raise UserError(f"out_dir={out}", "exists", "pass overwrite=true to replace it, or out_dir=<another dir>")
 
     source = resolve_source(settings.ckpt, to_spec(cfg, "model") if cfg.model else None,
                             to_spec(cfg, "data") if cfg.data else None, settings.calib_file, settings.base_model)
     # Read (and check) a run's metrics before anything is written; a plain PEFT adapter has none.
     metrics = (runs.read_json(Path(settings.ckpt) / runs.METRICS)
                if source.run_dir is not None and runs.is_finished(source.run_dir) else {})
-    with storage.path_lock(f"out_dir={out}", out):
-        check_free(out, settings.overwrite)  # another compile may have written it meanwhile
-        record = compile_run(source, spec, out, merge_dtype=settings.merge_dtype if settings.merge else None)
+    record = compile_run(source, spec, out, merge_dtype=settings.merge_dtype if settings.merge else None,
+                         overwrite=settings.overwrite)
     agree = record["next_token"]
     log.info(f"compiled r={spec.rank} in {record['fit_time_s']:.0f} s; residual at the scored positions, "
              f"final layer {record['residual_last_final']:.3f}, mean {record['residual_last_mean']:.3f}; next-token "

@@ -21,21 +21,16 @@ from pathlib import Path
 
 import torch
 
-from feta.adapters import DEFAULT_INIT_TEXT, LoraSpec, PrefixSpec, build_adapter, load_adapter
+from feta.adapters import DEFAULT_INIT_TEXT, LoraSpec, PrefixSpec, build_adapter
+from feta.analysis import equivalence_models
 from feta.data import DataSpec, TaskDataModule
 from feta.equivalence import analyze
-from feta.models import ModelSpec, load_base_model
-from feta.runs import adapter_dir, load_run_config, run_specs
+from feta.models import ModelSpec, load_base_model, named_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {  # conf/model/gpt2_tiny.yaml and llama_tiny.yaml, with room for m + max_length positions
-    "gpt2_tiny": ModelSpec(name="gpt2_tiny", source="random", arch="gpt2", tokenizer="gpt2",
-                           config={"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 512}),
-    "llama_tiny": ModelSpec(name="llama_tiny", source="random", arch="llama", tokenizer="gpt2",
-                            config={"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-                                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}),
-}
+# conf/model/<name>.yaml, each with 512 positions: room for m + max_length
+TINY = {name: named_model(name) for name in ("gpt2_tiny", "llama_tiny")}
 
 
 def prompt_batch(tokenizer, data: DataSpec, n: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,29 +55,6 @@ def random_models(spec: ModelSpec, m: int = 8, seed: int = 0):
     return base, prefix, lora, tok, torch.tensor(tok(DEFAULT_INIT_TEXT, add_special_tokens=False)["input_ids"])
 
 
-def run_models(prefix_run: Path, lora_run: Path | None):
-    """Base, prefix and LoRA models from train.py run directories, and the prefix's text-init tokens."""
-    cfg = load_run_config(prefix_run)
-    if cfg.adapter.kind != "prefix":
-        raise ValueError(f"--prefix-run={prefix_run} holds a {cfg.adapter.kind} run (adapter.kind); pass a prefix run")
-    spec, data, _ = run_specs(cfg)
-    base, tok = load_base_model(spec)
-    prefix = load_adapter(load_base_model(spec)[0], adapter_dir(prefix_run))
-    lora = None
-    if lora_run is not None:
-        lcfg = load_run_config(lora_run)
-        if lcfg.adapter.kind != "lora":
-            raise ValueError(f"--lora-run={lora_run} holds a {lcfg.adapter.kind} run (adapter.kind); pass a LoRA run")
-        if run_specs(lcfg)[0] != spec:
-            raise ValueError(f"--lora-run uses model {lcfg.model.name}, --prefix-run {cfg.model.name}: "
-                             "they must share the base model")
-        lora = load_adapter(load_base_model(spec)[0], adapter_dir(lora_run))
-    init_ids = None
-    if cfg.adapter.get("init") == "text":
-        init_ids = torch.tensor(tok(cfg.adapter.init_text, add_special_tokens=False)["input_ids"])
-    return base, prefix, lora, tok, init_ids, data, spec.name
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefix-run", type=Path, help="train.py run directory of a prefix (default: tiny random models)")
@@ -103,7 +75,10 @@ def main() -> None:
     if args.prefix_run is None:
         jobs = [(name, lambda spec=spec: (*random_models(spec), DataSpec(), spec.name)) for name, spec in TINY.items()]
     else:
-        jobs = [("run", lambda: run_models(args.prefix_run, args.lora_run))]
+        def from_runs():  # feta.analysis's loader: what analyze.py analysis=equivalence measures
+            base, prefix, lora, tok, init_ids, data, spec = equivalence_models(args.prefix_run, args.lora_run)
+            return base, prefix, lora, tok, init_ids, data, spec.name
+        jobs = [("run", from_runs)]
     for name, build in jobs:
         start = time.perf_counter()
         base, prefix, lora, tok, init_ids, data, model_name = build()

@@ -10,10 +10,10 @@ from hydra import compose, initialize
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-import feta.adapters  # noqa: F401  registers the schemas the YAML files extend
-import feta.data  # noqa: F401
-import feta.models  # noqa: F401
 from feta.compile import pipeline
+from feta.models import load_base_model
+from feta.schema import to_spec  # feta.schema registers every schema the YAML files extend
+from tests.helpers.peft import N_PROMPTS, word_prompts
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,22 @@ def prefix_run(tmp_path_factory) -> Path:
 def llama_prefix_run(tmp_path_factory) -> Path:
     """The same on llama_tiny: rotary positions, no biases, grouped k/v heads."""
     return _trained_prefix(tmp_path_factory, "llama", "model=llama_tiny", "trainer.max_steps=4")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict[str, Path]:
+    """The tiny random models of conf/model/*.yaml saved as local directories (so that a plain PEFT adapter's
+    base_model_name_or_path resolves), and a prompt file of N_PROMPTS prompts: {"root", "prompts",
+    "llama_tiny", "gpt2_tiny"} -> path. Build adapters on them with tests.helpers.peft.build_adapter."""
+    root = tmp_path_factory.mktemp("peft")
+    paths = {"root": root, "prompts": root / "prompts.txt"}
+    paths["prompts"].write_text("\n".join(word_prompts(N_PROMPTS)) + "\n\n", encoding="utf-8")
+    for name in ("llama_tiny", "gpt2_tiny"):
+        model, tok = load_base_model(to_spec(compose_cfg("train", [f"model={name}"]), "model"))
+        model.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+        paths[name] = root / name
+    return paths
 
 
 @pytest.fixture

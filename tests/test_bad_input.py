@@ -23,6 +23,7 @@ import pytest
 
 from compile import compile_prefix
 from tests.conftest import ROOT, compose_cfg, tiny_train_cfg
+from tests.helpers.runs import tree
 from train import train
 
 WORKERS = 2  # the machine's cores; each case is one ~5 s process
@@ -142,8 +143,8 @@ CASES = [
     Case("train-warmup-neg", "train", (*TRAIN, "warmup_steps=-1"), r"warmup_steps: must be >= 0, got -1"),
     Case("train-dropout", "train", (*TRAIN, "adapter=lora", "adapter.dropout=1.5"),
          r"adapter\.dropout: must be in \[0, 1\)"),
-    Case("train-m-too-long", "train", (*TRAIN, "adapter.init=random", "adapter.m=200"),
-         r"adapter\.m \+ data\.max_length: 200 \+ 128 > 256 positions of gpt2_tiny"),
+    Case("train-m-too-long", "train", (*TRAIN, "adapter.init=random", "adapter.m=400"),
+         r"adapter\.m \+ data\.max_length: 400 \+ 128 > 512 positions of gpt2_tiny"),
     Case("train-lora-targets", "train", (*TRAIN, "adapter=lora", "adapter.targets=[q_proj]"),
          r"adapter\.targets=\['q_proj'\]: not in gpt2_tiny; available: .*c_attn"),
     Case("train-gated-layers", "train", (*TRAIN, "adapter=gated_prefix", "adapter.layers=5"),
@@ -281,11 +282,11 @@ CASES = [
     Case("compile-memory-short", "compile", ("ckpt=<PREFIX>", "memory_gb=0.001"),
          r"calib_size: the compile needs [\d.]+ GB beside the model: calibration caches [\d.]+ GB \([\d,]+ tokens, "
          r"on cpu\).*and 0\.00 GB is free on cpu; lower calib_size or calib_max_length"),
-    Case("evaluate-analysis-foo", "evaluate", ("ckpt=<LORA>", "analysis=foo"),
+    Case("analyze-analysis-foo", "analyze", ("ckpt=<LORA>", "analysis=foo"),
          r"analysis=foo: no such analysis option; use one of equivalence, interpolate, task_vector$"),
-    Case("evaluate-precision-fp8", "evaluate", ("ckpt=<LORA>", "analysis=task_vector", "analysis.precision=fp8"),
+    Case("analyze-precision-fp8", "analyze", ("ckpt=<LORA>", "analysis=task_vector", "analysis.precision=fp8"),
          r"analysis\.precision: unknown choice 'fp8'; use one of fp32, fp16, bf16"),
-    Case("evaluate-task-vector-of-prefix", "evaluate", ("ckpt=<PREFIX>", "analysis=task_vector"),
+    Case("analyze-task-vector-of-prefix", "analyze", ("ckpt=<PREFIX>", "analysis=task_vector"),
          r"ckpt=.*: is a prefix run; analysis=task_vector takes a LoRA run"),
     Case("train-logger-nosuch", "train", (*TRAIN, "logger=nosuch"),
          r"logger=nosuch: no such logger option; use one of csv, wandb$"),
@@ -309,21 +310,6 @@ CASES = [
 
 
 # ------------------------------------------------------------------ running them
-
-
-def tree(root: Path, skip: set[str]) -> dict[str, tuple[int, int]]:
-    """Every path below `root` -> (size, mtime_ns), leaving out the directories named in `skip`."""
-    out = {}
-    for here, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
-        for name in dirs + names:
-            path = Path(here) / name
-            try:
-                stat = path.lstat()
-            except FileNotFoundError:  # removed meanwhile by another process
-                continue
-            out[str(path.relative_to(root))] = (stat.st_size if path.is_file() else 0, stat.st_mtime_ns)
-    return out
 
 
 @dataclass

@@ -20,7 +20,7 @@ from feta.compile import CompileSpec, layer_residuals
 from feta.compile.distill import DistillModule
 from feta.models import load_base_model
 from tests.conftest import compile_cfg, tiny_train_cfg
-from tests.test_compile_fit import tiny_prefix_source
+from tests.helpers.sources import tiny_prefix_source
 from train import train
 
 
@@ -161,9 +161,10 @@ def test_distill_layers_loss_is_the_squared_residual_and_zero_at_the_teacher():
         module.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})
         with torch.no_grad():
             module.training_step(batch, 0)
-        assert 0.05 < expected and abs(logged["distill/mse"] - expected) < 1e-4 * expected, (w, logged, res)
+        # measured: within 1e-7 of expected (float32); the two weightings differ by 4.6e-4 relative on gpt2_tiny
+        assert 0.05 < expected and abs(logged["distill/mse"] - expected) < 1e-5 * expected, (w, logged, res)
         seen.append(expected)
-    assert abs(seen[0] - seen[1]) > 1e-3 * seen[0]  # the two weightings are told apart
+    assert abs(seen[0] - seen[1]) > 1e-4 * seen[0]  # the two weightings are told apart (10x the tolerance above)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

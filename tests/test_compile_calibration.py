@@ -3,27 +3,37 @@ or sampled continuations, token for token; a setting never falls back to another
 
 from __future__ import annotations
 
+import copy
+
+import lightning as L
 import pytest
 import torch
-from peft import PeftModel, PrefixTuningConfig
+from peft import AdaptionPromptConfig, PeftModel, PrefixTuningConfig
 
+from feta.adapters import compiled_lora_config
 from feta.compile import resolve_source
 from feta.compile.calibration import calibrate
+from feta.compile.distill import CachedTeacherModule, teacher_cache
+from feta.compile.fit import target_modules
 from feta.compile.spec import CompileSpec
+from feta.compile.tokens import micro_batches
+from feta.compile.views import CompileModel
 from feta.data import TaskDataModule, seeded_subset
 from feta.decoding import greedy_decode
 from feta.errors import UserError
 from feta.models import load_base_model
 from feta.schema import to_spec
 from tests.conftest import compose_cfg
-from tests.test_compile_peft import build_adapter, compile_peft, work  # noqa: F401  (work: a fixture)
+from tests.helpers.peft import build_adapter
+from tests.helpers.runs import compile_peft
+from tests.helpers.sources import saved, tiny_prefix_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 E2E = ["data=e2e", "data.train_limit=40", "data.val_limit=4", "data.max_new_tokens=6"]
 
 
 @pytest.fixture(scope="module")
-def e2e_prefix(work, tmp_path_factory):  # noqa: F811
+def e2e_prefix(work, tmp_path_factory):
     """A random prefix (m=4) on llama_tiny, saved with plain PEFT; the E2E task; the source as PEFT loads it."""
     adapter = build_adapter(work["llama_tiny"], PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
                             tmp_path_factory.mktemp("calib") / "prefix")
@@ -75,7 +85,7 @@ def test_sampled_calibration_is_seeded_and_mix_keeps_half_the_references(e2e_pre
     assert sum(m == r for m, r in zip(mixed, reference)) == 5
 
 
-def test_decoding_applies_to_generation_and_prompt_files_only(e2e_prefix, work, tmp_path):  # noqa: F811
+def test_decoding_applies_to_generation_and_prompt_files_only(e2e_prefix, work, tmp_path):
     source, tok, adapted = e2e_prefix
     sst2 = resolve_source(source.ckpt, source.model, to_spec(compose_cfg("train", ["data=sst2"]), "data"))
     with pytest.raises(UserError, match=r"calib_decode=greedy: applies to generation tasks and prompt files; "
@@ -93,20 +103,9 @@ def test_decoding_applies_to_generation_and_prompt_files_only(e2e_prefix, work, 
 def test_cached_teacher_loss_is_zero_at_the_teacher_and_falls_with_steps(tmp_path):
     """The cached top-k KL is exactly 0 for a student that is its own teacher, and positive for the compiled
     LoRA at PEFT's zero start; Lightning steps against the cache then lower it."""
-    import copy
-
-    import lightning as L
-
-    from feta.adapters import compiled_lora_config
-    from feta.compile.distill import CachedTeacherModule, teacher_cache
-    from feta.compile.fit import target_modules
-    from feta.compile.tokens import micro_batches
-    from feta.compile.views import CompileModel
-    from tests.test_compile_fit import _saved, tiny_prefix_source
-
     base, source, batch = tiny_prefix_source()
     batch = {**batch, "scored": batch["attention_mask"].bool()}  # every token: a continuation's worth of rows
-    cm = CompileModel(copy.deepcopy(base), _saved(source, tmp_path), "PREFIX_TUNING",
+    cm = CompileModel(copy.deepcopy(base), saved(source, tmp_path), "PREFIX_TUNING",
                       compiled_lora_config(4, list(target_modules(base, "gpt2", "o")), False, "gpt2"))
     batches = micro_batches(batch, 5)
 
@@ -144,17 +143,15 @@ def test_on_policy_preset_distils_on_sampled_continuations(e2e_prefix, tmp_path)
 # ------------------------------------------------------------------ measures where the model decodes
 
 
-def test_own_output_measures_are_exact_for_a_source_without_effect(work, tmp_path):  # noqa: F811
+def test_own_output_measures_are_exact_for_a_source_without_effect(work, tmp_path):
     """LLaMA-Adapter with its gates at zero changes nothing: the compiled model (which fits nothing) decodes
     exactly what the source decodes, on every held-out prompt, and agrees at every token with KL 0."""
-    from peft import AdaptionPromptConfig
-
     adapter = build_adapter(work["llama_tiny"], AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
                                                                      adapter_layers=2), tmp_path / "gated")
     rec = compile_peft(adapter, *E2E, "model=llama_tiny", "calib_size=8", "eval_size=6", f"out_dir={tmp_path / 'c'}")
     own = rec["own_outputs"]
-    assert own["prompts"] == 4 and own["identical"] == 1.0 and own["agreement"] == 1.0
-    assert own["kl"] < 1e-6 and own["positions"] >= 4
+    assert own["prompts"] == 4 and own["identical_outputs"] == 1.0 and own["own_token_agreement"] == 1.0
+    assert own["own_token_kl"] < 1e-6 and own["positions"] >= 4
 
 
 def test_own_output_measures_count_what_differs(e2e_prefix, tmp_path):
@@ -163,6 +160,6 @@ def test_own_output_measures_count_what_differs(e2e_prefix, tmp_path):
     source, tok, adapted = e2e_prefix
     rec = compile_peft(source.ckpt, *E2E, "model=llama_tiny", "calib_size=8", "eval_size=4", f"out_dir={tmp_path / 'c'}")
     own = rec["own_outputs"]
-    assert own["prompts"] == 4 and 0.0 <= own["identical"] <= 1.0
+    assert own["prompts"] == 4 and 0.0 <= own["identical_outputs"] <= 1.0
     assert own["positions"] > own["prompts"]  # every continuation token is a position, not one per prompt
-    assert own["kl"] > 0 and own["base_kl"] > own["kl"]  # the compiled model is nearer its source than the base
+    assert own["own_token_kl"] > 0 and own["base_own_token_kl"] > own["own_token_kl"]  # the compiled model is nearer its source than the base

@@ -19,10 +19,9 @@ from feta.compile.sequential import fit_sequential
 from feta.compile.spec import LAYER
 from feta.compile.tokens import detect_sinks, micro_batches
 from feta.compile.views import CompileModel, View
-from feta.data import last_real_token
-from feta.models import load_base_model
 from feta.schema import to_spec
 from tests.conftest import compose_cfg
+from tests.helpers.sources import saved, scored_batch, tiny_base, tiny_prefix_source
 
 
 def _low_rank_problem(n=400, d_in=32, d_out=24, r=3, seed=0):
@@ -101,30 +100,6 @@ def test_planted_sink_is_detected_and_left_out():
 # ------------------------------------------------------------------ the layer-by-layer fit
 
 
-def _tiny(model: str = "gpt2_tiny"):
-    base, tok = load_base_model(to_spec(compose_cfg("train", [f"model={model}"]), "model"))
-    tok.pad_token, tok.padding_side = tok.eos_token, "right"
-    return base, tok
-
-
-def _batch(tok, texts: list[str]) -> dict[str, torch.Tensor]:
-    batch = dict(tok(texts, padding=True, return_tensors="pt"))
-    return {**batch, "scored": last_real_token(batch["attention_mask"])}
-
-
-def tiny_prefix_source():
-    """gpt2_tiny, a random prefix (m=4) on a deep copy of it, and a right-padded batch of 10 prompts."""
-    base, tok = _tiny()
-    torch.manual_seed(0)
-    source = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-    return base, source, _batch(tok, [f"Review: a {'very ' * k}good film\nSentiment:" for k in range(10)])
-
-
-def _saved(peft_model, tmp_path, name: str = "source"):
-    peft_model.save_pretrained(str(tmp_path / name))
-    return tmp_path / name
-
-
 def _fit(cm: CompileModel, batches, spec: CompileSpec, arch: str, sinks=None) -> dict:
     sinks = sinks or [torch.zeros_like(b["attention_mask"], dtype=torch.bool) for b in batches]
     weights = [b["attention_mask"].double().masked_fill(s, 0.0) for b, s in zip(batches, sinks)]
@@ -157,11 +132,11 @@ def test_each_layer_is_fitted_on_the_compiled_models_own_inputs(model_name, tmp_
     output change on the inputs that the model compiled so far (layers < l already fitted) gives o_proj; the
     layer-wise pipeline over micro-batches must give the same LoRAs. Fitting a layer on the prefix model's
     own inputs instead gives another fit, by far more than the tolerance."""
-    base, tok = _tiny(model_name)
+    base, tok = tiny_base(model_name)
     arch = to_spec(compose_cfg("train", [f"model={model_name}"]), "model").arch
     torch.manual_seed(0)
     source = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-    batch = _batch(tok, [f"Review: a {'very ' * k}good {'and long ' * (k % 3)}film\nSentiment:" for k in range(12)])
+    batch = scored_batch(tok, [f"Review: a {'very ' * k}good {'and long ' * (k % 3)}film\nSentiment:" for k in range(12)])
     spec = CompileSpec(rank=2, bias=True, method="lstsq")
     names = list(target_modules(base, arch, "o"))
     attn = [n.rsplit(".", 1)[0] for n in names]
@@ -182,7 +157,7 @@ def test_each_layer_is_fitted_on_the_compiled_models_own_inputs(model_name, tmp_
             module.lora_B["default"].weight.copy_(B)
             module.lora_B["default"].bias.copy_(b)
     # Layer-wise, over length-sorted micro-batches of 5.
-    cm = CompileModel(copy.deepcopy(base), _saved(source, tmp_path), "PREFIX_TUNING",
+    cm = CompileModel(copy.deepcopy(base), saved(source, tmp_path), "PREFIX_TUNING",
                       compiled_lora_config(2, names, True, arch))
     _fit(cm, micro_batches(batch, 5), spec, arch)
     want, got = _deltas(direct.get_base_model(), names), _deltas(cm.model, names)
@@ -202,7 +177,7 @@ def test_micro_batches_fit_exactly_like_one_batch(tmp_path):
     assert sum(int(p["attention_mask"].sum()) for p in parts) == int(batch["attention_mask"].sum())
     assert all(bool(p["attention_mask"][:, -1].any()) for p in parts)  # each cut to its longest row
     assert parts[0]["input_ids"].shape[1] < batch["input_ids"].shape[1]
-    adapter = _saved(source, tmp_path)
+    adapter = saved(source, tmp_path)
     names = [f"transformer.h.{i}.attn.c_proj" for i in range(2)]
 
     def fit(batches):
@@ -212,7 +187,9 @@ def test_micro_batches_fit_exactly_like_one_batch(tmp_path):
 
     for (w1, b1), (w2, b2) in zip(fit([batch]), fit(parts)):
         assert w1.norm() > 1e-3 * base.transformer.h[0].attn.c_proj.weight.norm()  # a real fit, not zeros
-        torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-6)
+        # Exact up to float32 forwards of differently padded batches: measured |w2 - w1| <= 1e-5 of w1's largest
+        # entry (1.9e-6 of 0.19 on gpt2_tiny's layer 1); a fit that saw the padding would be off by percents.
+        torch.testing.assert_close(w2, w1, rtol=1e-4, atol=5e-5 * float(w1.abs().max()))
         torch.testing.assert_close(b2, b1, rtol=1e-4, atol=1e-6)
 
 
@@ -240,11 +217,11 @@ def test_a_weight_space_source_is_recovered_on_the_modules_it_changed(match):
     """Known answer: a source that IS a rank-2 LoRA on the attention and MLP output projections. The
     closed form with target=o+mlp must recover both updates (so the compiled model equals the
     source); target=o alone cannot reproduce the MLP's change."""
-    base, tok = _tiny()
+    base, tok = tiny_base()
     names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
     words = "good bad dull bright slow long short warm cold odd".split()
     texts = [f"Review: a {a} and {b} film, {c} at times\nSentiment:" for a in words for b in words[:6] for c in words[6:8]]
-    batches = micro_batches(_batch(tok, texts), 16)  # ~1,700 tokens > 256 = d_in of the MLP projection
+    batches = micro_batches(scored_batch(tok, texts), 16)  # ~1,700 tokens > 256 = d_in of the MLP projection
 
     def two_loras(target):
         model = get_peft_model(copy.deepcopy(base), compiled_lora_config(
@@ -276,12 +253,12 @@ def test_a_source_without_effect_compiles_to_a_zero_lora(tmp_path):
     """LLaMA-Adapter starts with its gates at zero: no effect, so every target is zero and the fitted LoRA
     must be exactly zero (up to float32 round-off). It fails if the source and compiled streams are
     misaligned (another layer, shifted positions): then the targets are of the order of the activations."""
-    base, tok = _tiny("llama_tiny")
+    base, tok = tiny_base("llama_tiny")
     gated = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2))
     names = list(target_modules(base, "llama", "o"))
-    cm = CompileModel(copy.deepcopy(base), _saved(gated, tmp_path), "ADAPTION_PROMPT",
+    cm = CompileModel(copy.deepcopy(base), saved(gated, tmp_path), "ADAPTION_PROMPT",
                       compiled_lora_config(2, names, False, "llama"))
-    batch = _batch(tok, ["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"])
+    batch = scored_batch(tok, ["Review: a fine film\nSentiment:", "Review: dull\nSentiment:"])
     _fit(cm, [batch], CompileSpec(rank=2, bias=False), "llama")
     for name, delta in zip(names, _deltas(cm.model, names)):
         assert delta.norm() < 1e-6 * cm.model.get_submodule(name).base_layer.weight.norm(), (name, float(delta.norm()))
@@ -303,7 +280,7 @@ def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monke
 
     monkeypatch.setattr(sequential, "LstsqStats", Spy)
     names = [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
-    cm = CompileModel(copy.deepcopy(base), _saved(source, tmp_path), "PREFIX_TUNING",
+    cm = CompileModel(copy.deepcopy(base), saved(source, tmp_path), "PREFIX_TUNING",
                       compiled_lora_config(2, names, False, "gpt2"))
     _fit(cm, [batch], CompileSpec(rank=2, bias=False, target="o+mlp"), "gpt2", [sinks])
     assert len(calls) == 4  # in forward order: layer 0 o, layer 0 mlp, layer 1 o, layer 1 mlp
@@ -320,11 +297,11 @@ def test_sinks_are_left_out_of_the_o_fit_and_held_unchanged_by_the_mlp_fit(monke
 def test_the_memory_plan_covers_the_caches_the_fit_holds(model_name, tmp_path):
     """What the compile says it needs before it starts: its calibration caches are at least what the two
     caught streams and the source's attention outputs take, and not more than half as much again."""
-    base, tok = _tiny(model_name)
+    base, tok = tiny_base(model_name)
     arch = to_spec(compose_cfg("train", [f"model={model_name}"]), "model").arch
     source = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    batches = micro_batches(_batch(tok, [f"Review: a {'very ' * k}good film\nSentiment:" for k in range(40)]), 8)
-    cm = CompileModel(base, _saved(source, tmp_path), "PREFIX_TUNING",
+    batches = micro_batches(scored_batch(tok, [f"Review: a {'very ' * k}good film\nSentiment:" for k in range(40)]), 8)
+    cm = CompileModel(base, saved(source, tmp_path), "PREFIX_TUNING",
                       compiled_lora_config(2, list(target_modules(base, arch, "o")), True, arch))
     need = memory.plan(cm.model, batches, batches, CompileSpec(method="lstsq"), 4, torch.device("cpu"))
     first = cm.model.get_submodule(numbered_modules(cm.model, LAYER[arch], arch)[0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -16,95 +15,19 @@ from pathlib import Path
 import huggingface_hub.constants as hub_constants
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
-                  PromptTuningConfig, get_peft_model)
+                  PromptTuningConfig)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compile import compile_prefix
 from feta.compile import resolve_source
 from feta.compile.calibration import calibrate
 from feta.compile.spec import CompileSpec
 from feta.errors import UserError
-from feta.models import load_base_model
-from feta.schema import to_spec
-from tests.conftest import ROOT, compose_cfg
-from tests.test_bad_input import tree
-
-WORDS = ("the a film movie plot actor scene music story was is very quite rather good bad dull bright slow long "
-         "short warm cold odd and but with without").split()
-POSITIVE = {"good", "bright", "warm"}
-N_PROMPTS = 240  # 48 held out (20%), 192 calibrate: ~1,500 tokens, several times the models' width of 64
-
+from tests.conftest import ROOT
+from tests.helpers.peft import N_PROMPTS, build_adapter, word_prompts
+from tests.helpers.runs import compile_peft, tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-# ------------------------------------------------------------------ building adapters with plain peft
-
-
-def _prompts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
-
-
-def _train(peft_model, tok, prompts: list[str], steps: int, lr: float = 0.1) -> None:
-    """Plain torch steps: the prompt's last token should predict " yes" when it holds a positive word, else
-    " no". The random tiny models barely learn the rule, but the adapter moves every prediction."""
-    yes, no = tok(" yes")["input_ids"][0], tok(" no")["input_ids"][0]
-    labels = torch.tensor([yes if POSITIVE & set(p.split()) else no for p in prompts])
-    opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    for step in range(steps):
-        rows = slice((16 * step) % len(prompts), (16 * step) % len(prompts) + 16)
-        batch = tok(prompts[rows], return_tensors="pt", padding=True)
-        # The head runs on the last tokens only (it is most of the cost over a 50k vocabulary); a soft
-        # prompt's virtual positions come first and are cut off.
-        out = peft_model(**batch, output_hidden_states=True, logits_to_keep=1)
-        h = out.hidden_states[-1][:, -batch["input_ids"].shape[1]:]
-        last = batch["attention_mask"].sum(1) - 1
-        logits = peft_model.get_output_embeddings()(h[torch.arange(len(last)), last])
-        loss = F.cross_entropy(logits, labels[rows])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
-def build_adapter(base_dir: Path, config, out: Path, steps: int = 0, prompts: list[str] = (), gate: float | None = None
-                  ) -> Path:
-    """An adapter made and saved the way a PEFT user would: transformers + peft + torch only."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.pad_token, tok.padding_side = tok.eos_token, "right"
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, config)
-    if gate is not None:  # LLaMA-Adapter's gates start at 0, where the adapter does nothing
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "adaption_gate" in name:
-                    param.fill_(gate)
-    if steps:
-        _train(peft_model, tok, list(prompts), steps)
-    peft_model.save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> dict[str, Path]:
-    """The tiny random models of conf/model/*.yaml saved as local directories (so that an adapter's
-    base_model_name_or_path resolves), and a prompt file."""
-    root = tmp_path_factory.mktemp("peft")
-    paths = {"root": root, "prompts": root / "prompts.txt"}
-    paths["prompts"].write_text("\n".join(_prompts(N_PROMPTS)) + "\n\n", encoding="utf-8")
-    for name in ("llama_tiny", "gpt2_tiny"):
-        model, tok = load_base_model(to_spec(compose_cfg("train", [f"model={name}"]), "model"))
-        model.save_pretrained(str(root / name))
-        tok.save_pretrained(str(root / name))
-        paths[name] = root / name
-    return paths
-
-
-def compile_peft(ckpt: Path, *overrides: str) -> dict:
-    return compile_prefix(compose_cfg("compile", [f"ckpt={ckpt}", "~logger", *overrides]))
 
 
 def _logits(model, tok, texts: list[str]) -> torch.Tensor:
@@ -117,7 +40,7 @@ def _logits(model, tok, texts: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_name", ["llama_tiny", "gpt2_tiny"])
 def test_prefix_compiles_to_a_lora_that_keeps_its_next_tokens(work, tmp_path, model_name):
-    prompts = _prompts(128, seed=1)
+    prompts = word_prompts(128, seed=1)
     adapter = build_adapter(work[model_name], PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
                             tmp_path / "prefix", steps=40, prompts=prompts)
     saved = json.loads((adapter / "adapter_config.json").read_text())
@@ -133,10 +56,10 @@ def test_prefix_compiles_to_a_lora_that_keeps_its_next_tokens(work, tmp_path, mo
     assert rec["calibration"]["held_out"] == 48 and rec["calibration"]["examples"] == 192
     nt = rec["next_token"]
     # Measured: llama_tiny agreement 1.000 vs base 0.000, kl 1.3e-4 vs base 2.5e-2;
-    #           gpt2_tiny  agreement 1.000 vs base 0.000, kl 9.4e-4 vs base 2.5e-2.
+    #           gpt2_tiny  agreement 1.000 vs base 0.000, kl 7.2e-4 vs base 2.4e-2.
     assert nt["positions"] == 48
-    assert nt["agreement"] >= 0.8 and nt["agreement"] >= nt["base_agreement"] + 0.5, nt
-    assert 0 <= nt["kl"] < 0.1 * nt["base_kl"], nt
+    assert nt["next_token_agreement"] >= 0.8 and nt["next_token_agreement"] >= nt["base_next_token_agreement"] + 0.5, nt
+    assert 0 <= nt["next_token_kl"] < 0.1 * nt["base_next_token_kl"], nt
     assert rec["residual_last_mean"] < 0.6 and rec["merge"]["max_abs_logit_diff"] < 1e-4
     assert json.loads((out / "compile.json").read_text())["next_token"] == nt
 
@@ -154,15 +77,15 @@ def test_prefix_compiles_to_a_lora_that_keeps_its_next_tokens(work, tmp_path, mo
 
 def test_prompt_tuning_compiles_on_llama(work, tmp_path):
     adapter = build_adapter(work["llama_tiny"], PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
-                            tmp_path / "prompt", steps=40, prompts=_prompts(128, seed=1))
+                            tmp_path / "prompt", steps=40, prompts=word_prompts(128, seed=1))
     rec = compile_peft(adapter, f"calib_file={work['prompts']}")
     assert rec["source"]["compiled_as"] == "prompt" and rec["source"]["peft_type"] == "PROMPT_TUNING"
     nt = rec["next_token"]
     # Measured: agreement 0.438 vs base 0.021, kl 7.9e-4 vs base 1.2e-2 (a soft prompt on a 2-layer random
     # model moves the flat next-token distributions less than a prefix, so top-1 is the noisier number).
     assert nt["positions"] == 48
-    assert nt["agreement"] >= 0.35 and nt["agreement"] >= nt["base_agreement"] + 0.3, nt
-    assert nt["kl"] < 0.2 * nt["base_kl"], nt
+    assert nt["next_token_agreement"] >= 0.35 and nt["next_token_agreement"] >= nt["base_next_token_agreement"] + 0.3, nt
+    assert nt["next_token_kl"] < 0.2 * nt["base_next_token_kl"], nt
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work["llama_tiny"]),
                                      str(adapter / "compiled-r4/adapter"))
     assert lora.active_peft_config.peft_type.value == "LORA"
@@ -186,8 +109,8 @@ def test_every_token_adaptation_loads_and_compiles(work, tmp_path, kind):
     assert rec["source"]["peft_type"] == config.peft_type.value and rec["source"]["compiled_as"] == compiled_as
     nt = rec["next_token"]
     assert nt["positions"] == 48 and rec["calibration"]["examples"] == 96
-    assert nt["base_kl"] > 1e-4 and nt["kl"] < 0.5 * nt["base_kl"], nt
-    assert nt["agreement"] >= nt["base_agreement"], nt
+    assert nt["base_next_token_kl"] > 1e-4 and nt["next_token_kl"] < 0.5 * nt["base_next_token_kl"], nt
+    assert nt["next_token_agreement"] >= nt["base_next_token_agreement"], nt
 
 
 def test_a_task_calibrates_a_peft_adapter(work, tmp_path):
@@ -197,7 +120,7 @@ def test_a_task_calibrates_a_peft_adapter(work, tmp_path):
     assert rec["task"] == "classification" and rec["source"]["data"] == "sst2" and rec["source"]["calib_file"] is None
     assert rec["source"]["model_from"] == "model=llama_tiny"
     assert rec["calibration"]["examples"] == 96 and rec["next_token"]["positions"] == 16 == rec["eval_examples"]
-    assert rec["next_token"]["kl"] < rec["next_token"]["base_kl"]
+    assert rec["next_token"]["next_token_kl"] < rec["next_token"]["base_next_token_kl"]
 
 
 # ------------------------------------------------------------------ resolution, without loading a model
@@ -334,4 +257,4 @@ def test_p_tuning_takes_the_sink_path_as_key_value_slots(work, tmp_path, first_t
     edits = [k for k in rec["fit_stats"]["modules"] if k.endswith("self_attn")]
     assert len(edits) == 2 and all(rec["fit_stats"]["modules"][k]["leak_max"] >= 0 for k in edits)
     nt = rec["next_token"]
-    assert nt["kl"] < 0.5 * nt["base_kl"], nt
+    assert nt["next_token_kl"] < 0.5 * nt["base_next_token_kl"], nt

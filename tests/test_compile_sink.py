@@ -157,10 +157,10 @@ def test_a_compile_that_barely_moves_says_so_in_one_line(llama_prefix_run, tmp_p
         rec = compile_prefix(compile_cfg(llama_prefix_run, "method=lstsq", "bias=false", "ridge=1e6",
                                          f"out_dir={tmp_path / 'r'}"))
     nt = rec["next_token"]
-    assert abs(nt["agreement"] - nt["base_agreement"]) <= 1 / nt["positions"] and nt["base_agreement"] < 0.99
+    assert abs(nt["next_token_agreement"] - nt["base_next_token_agreement"]) <= 1 / nt["positions"] and nt["base_next_token_agreement"] < 0.99
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "feta"]
     assert len(lines) == 1 and "\n" not in lines[0]
-    assert f"next-token agreement {nt['agreement']:.3f}, the base model's {nt['base_agreement']:.3f}" in lines[0]
+    assert f"next-token agreement {nt['next_token_agreement']:.3f}, the base model's {nt['base_next_token_agreement']:.3f}" in lines[0]
     assert "preset=faithful" in lines[0]
     caplog.clear()
     with caplog.at_level("WARNING", logger="feta"):

@@ -135,9 +135,9 @@ def test_prefix_init_text_must_cover_m(tiny_model):
 
 
 def test_prefix_plus_length_within_positions(tiny_model):
-    model, tok = tiny_model  # gpt2_tiny has 256 positions
-    with pytest.raises(ValueError, match=r"adapter\.m \+ data\.max_length: 200 \+ 128 > 256"):
-        build_adapter(model, tok, PrefixSpec(m=200, init="random"), "gpt2", "gpt2_tiny", max_length=128)
+    model, tok = tiny_model  # gpt2_tiny has 512 positions
+    with pytest.raises(ValueError, match=r"adapter\.m \+ data\.max_length: 400 \+ 128 > 512"):
+        build_adapter(model, tok, PrefixSpec(m=400, init="random"), "gpt2", "gpt2_tiny", max_length=128)
 
 
 def test_missing_model_path_is_named(tmp_path):

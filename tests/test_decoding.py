@@ -3,17 +3,13 @@ equals step-by-step full forwards of each prompt alone, for a base model and eve
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from feta.adapters import GatedPrefixSpec, IA3Spec, LoraSpec, PrefixSpec, PromptSpec, build_adapter, merged_copy
 from feta.decoding import decode_texts, greedy_decode, left_align
-from feta.models import ModelSpec, load_base_model
+from feta.models import load_base_model, named_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 ARCHS = ("gpt2_tiny", "llama_tiny")
 KINDS = ("base", "prefix", "prompt", "lora", "merged_lora", "ia3", "gated_prefix")
 ADAPTED = KINDS[1:]
@@ -21,12 +17,6 @@ PAD = 0
 NEW = 6
 # Three prompts of different lengths (the longest first, so both padding sides are exercised).
 LENGTHS = (9, 3, 6)
-
-
-def spec(arch: str) -> ModelSpec:
-    raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{arch}.yaml"))
-    raw.pop("defaults")
-    return ModelSpec(**raw)
 
 
 def sharpen(model: torch.nn.Module) -> torch.nn.Module:
@@ -44,9 +34,9 @@ def sharpen(model: torch.nn.Module) -> torch.nn.Module:
 
 def build(arch: str, kind: str) -> torch.nn.Module:
     """A tiny random model, its adapter (if any) set to random non-zero values so that it matters."""
-    model, tok = load_base_model(spec(arch))
+    model, tok = load_base_model(named_model(arch))
     sharpen(model)
-    family = spec(arch).arch
+    family = named_model(arch).arch
     adapter = {"prefix": PrefixSpec(m=4, init="random"), "prompt": PromptSpec(m=4, init="random"),
                "lora": LoraSpec(r=4), "merged_lora": LoraSpec(r=4), "ia3": IA3Spec(),
                "gated_prefix": GatedPrefixSpec(m=4)}.get(kind)
@@ -165,7 +155,7 @@ def test_left_align_keeps_order():
 def test_too_long_raises(models):
     ids, mask = padded(prompts(), left=True)
     with pytest.raises(ValueError, match="model positions"):
-        greedy_decode(models["gpt2_tiny", "prefix"], ids, mask, 256 - 4 - 9 + 1, None, PAD)
+        greedy_decode(models["gpt2_tiny", "prefix"], ids, mask, 512 - 4 - 9 + 1, None, PAD)  # 512 positions
 
 
 def test_restores_training_mode(models):
@@ -182,7 +172,7 @@ def test_restores_training_mode(models):
 
 def test_decode_texts_order_and_eos(models):
     model = models["gpt2_tiny", "prefix"]
-    _, tok = load_base_model(spec("gpt2_tiny"))
+    _, tok = load_base_model(named_model("gpt2_tiny"))
     texts = ["a b c d e f g h", "hello", "the cat sat on", "x y", "one two three four five six"]
     ids = [tok(t)["input_ids"] for t in texts]
     refs = [reference(model, torch.tensor(i), NEW) for i in ids]

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.image as mpimg
 import pytest
 import torch
 
 from feta import equivalence as eq
 from feta.adapters import DEFAULT_INIT_TEXT, LoraSpec, PrefixSpec, build_adapter
-from feta.models import ModelSpec, load_base_model
+from feta.models import load_base_model, named_model
 
 F64 = torch.float64
-SPECS = {
-    "gpt2": ModelSpec(name="gpt2_tiny", source="random", arch="gpt2", tokenizer="gpt2",
-                      config={"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 512}),
-    "llama": ModelSpec(name="llama_tiny", source="random", arch="llama", tokenizer="gpt2",
-                       config={"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-                               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}),
-}
+SPECS = {"gpt2": named_model("gpt2_tiny"), "llama": named_model("llama_tiny")}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -426,8 +421,6 @@ def test_analyze_writes_json_and_figures(tmp_path, arch):
     sp = on_disk["spectrum"]
     assert sp["rank_value"] == sp["formula_value"] and sp["rank_key"] == sp["formula_key"]
     assert len(on_disk["verdicts"]) == 5 and on_disk["verdicts"][0]["verdict"] == "exact"
-
-    import matplotlib.image as mpimg
 
     for name in ("linearity.png", "span_grid.png", "prefix_spectrum.png"):
         path = tmp_path / name

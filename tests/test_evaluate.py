@@ -11,14 +11,13 @@ import matplotlib.image as mpimg
 import pytest
 from omegaconf import open_dict
 
+from analyze import analyze
 from compile import compile_prefix
 from evaluate import evaluate
 from feta.tracking import finish_wandb
 from tests.conftest import compose_cfg, tiny_train_cfg
+from tests.helpers.runs import eval_cfg
 from train import train
-
-FAST_LATENCY = ["latency.repeats=1", "latency.batches=[1,2]", "latency.decode_tokens=4", "latency.min_run_time=0.01",
-                "latency.prompt_len=16"]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +30,6 @@ def sweep(tmp_path_factory):
         train(cfg)
     compile_prefix(compose_cfg("compile", [f"ckpt={root / '0'}", "rank=4", "~logger", "calib_size=64", "eval_size=32"]))
     return root
-
-
-def eval_cfg(ckpt, *overrides):
-    return compose_cfg("evaluate", [f"ckpt={ckpt}", "~logger", *FAST_LATENCY, *overrides])
 
 
 def test_sweep_eval_and_report(sweep):
@@ -55,10 +50,10 @@ def test_sweep_eval_and_report(sweep):
     assert {r["name"] for r in evals["0"]["latency"]["rows"]} == {"base", "adapter"}
     comp = evals["compiled-r4"]
     assert comp["kind"] == "compiled" and comp["r"] == 4 and comp["m"] == 8
-    assert 0 <= comp["agreement_with_source"] <= 1 and len(comp["residuals"]["last"]) == 2
+    assert 0 <= comp["class_agreement"] <= 1 and len(comp["residuals"]["last"]) == 2
     # Agreement is computed from the two prediction lists.
     agree = sum(a == b for a, b in zip(comp["predictions"], evals["0"]["predictions"])) / 64
-    assert comp["agreement_with_source"] == pytest.approx(agree)
+    assert comp["class_agreement"] == pytest.approx(agree)
 
     report = sweep / "report"
     table = (report / "results.csv").read_text().splitlines()
@@ -78,8 +73,6 @@ def test_unfinished_run_is_skipped_with_a_warning(sweep, tmp_path):
             out = evaluate(eval_cfg(sweep, "latency.enabled=false"))
         assert len(out["skipped"]) == 1
     finally:
-        import shutil
-
         shutil.rmtree(broken)
 
 
@@ -98,8 +91,8 @@ def test_empty_directory_is_a_clear_error(tmp_path):
 
 
 def test_equivalence_analysis_command_writes_json_and_figures(sweep):
-    out = evaluate(eval_cfg(sweep / "0", "analysis=equivalence", f"analysis.lora={sweep / '1'}", "analysis.sentences=4",
-                            "analysis.layers=[0]"))
+    out = analyze(compose_cfg("analyze", [f"ckpt={sweep / '0'}", "~logger", "analysis=equivalence",
+                                          f"analysis.lora={sweep / '1'}", "analysis.sentences=4", "analysis.layers=[0]"]))
     analysis = sweep / "0" / "analysis"
     saved = json.loads((analysis / "equivalence.json").read_text())
     assert saved["verdicts"] == out["verdicts"] and [g["layer"] for g in saved["gating"]["per_layer"]] == [0]
@@ -111,7 +104,7 @@ def test_equivalence_analysis_command_writes_json_and_figures(sweep):
 
 def test_equivalence_analysis_refuses_a_lora_run(sweep):
     with pytest.raises(ValueError, match=r"ckpt=.*: is a lora run; analysis=equivalence takes a prefix run"):
-        evaluate(eval_cfg(sweep / "1", "analysis=equivalence"))
+        analyze(compose_cfg("analyze", [f"ckpt={sweep / '1'}", "~logger", "analysis=equivalence"]))
 
 
 def test_offline_wandb_runs_keep_the_lineage(sweep, tmp_path, monkeypatch):

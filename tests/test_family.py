@@ -13,13 +13,20 @@ from omegaconf import open_dict
 from peft import PeftModel
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from compile import compile_prefix
 from evaluate import evaluate
-from feta.adapters import build_adapter, run_name
+from feta.adapters import build_adapter, compiled_lora_config, run_name
+from feta.compile import layers
+from feta.compile.fit import numbered_modules, target_modules
+from feta.compile.spec import LAYER
+from feta.compile.views import CompileModel
+from feta.evaluation import predict
+from feta.interpolation import interpolate
 from feta.models import load_base_model
 from feta.scoring import class_log_probs, input_positions
 from feta.schema import to_spec
 from tests.conftest import compose_cfg, tiny_train_cfg
-from tests.test_evaluate import eval_cfg
+from tests.helpers.runs import eval_cfg
 from train import train
 
 # (job name, overrides): each trains 4 steps; gated prefix on both architectures PEFT supports here.
@@ -164,7 +171,7 @@ def test_bad_spec_values_name_the_field(overrides, match):
         (["adapter=ia3", "adapter.targets=[q_proj]"], r"adapter\.targets=\['q_proj'\]: not in tiny; available: .*c_attn"),
         (["adapter=ia3", "adapter.feedforward=[c_fc]"], r"adapter\.feedforward=\['c_fc'\]: not among the targets"),
         (["adapter=gated_prefix", "adapter.layers=3"], r"adapter\.layers: is 3 but tiny has 2 layers"),
-        (["adapter=prompt", "adapter.m=250"], r"adapter\.m \+ data\.max_length: 250 \+ 128 > 256 positions of tiny"),
+        (["adapter=prompt", "adapter.m=450"], r"adapter\.m \+ data\.max_length: 450 \+ 128 > 512 positions of tiny"),
     ],
 )
 def test_bad_model_dependent_values_name_the_field(overrides, match):
@@ -198,8 +205,6 @@ def test_family_appears_in_the_sweep_report(family):
 
 
 def test_compile_refuses_weight_space_adapters(family):
-    from compile import compile_prefix
-
     root, _ = family
     with pytest.raises(ValueError, match=r"is a ia3 run; compile turns a token adaptation \(prefix, prompt, "
                                          r"gated_prefix\) into LoRA; a ia3 adapter is already weight-space"):
@@ -212,12 +217,6 @@ def test_the_source_run_a_layer_at_a_time_is_the_adapted_model(family, job):
     prefix's wrappers swapped in), run one decoder layer at a time from the caught first-layer inputs, must
     give every hidden state of the adapted PEFT model at the input's positions; and with the source
     switched off, the base model's."""
-    from feta.adapters import compiled_lora_config
-    from feta.compile import layers
-    from feta.compile.fit import numbered_modules, target_modules
-    from feta.compile.spec import LAYER
-    from feta.compile.views import CompileModel
-
     root, runs = family
     cfg, _, obj = runs[job]
     model, tok = obj["model"].eval(), obj["datamodule"].tokenizer
@@ -244,8 +243,6 @@ def test_the_source_run_a_layer_at_a_time_is_the_adapted_model(family, job):
 
 
 def _compile_ranks(root, job, tmp_path, ranks=(1, 64)):  # gpt2_tiny and llama_tiny: d = 64 = full rank
-    from compile import compile_prefix
-
     res, fit = {}, {}
     for r in ranks:
         rec = compile_prefix(compose_cfg("compile", [f"ckpt={root / job}", "~logger", "calib_size=64", "eval_size=32",
@@ -277,9 +274,6 @@ def test_soft_prompt_on_absolute_positions_compiles_with_a_warning(family, tmp_p
 
 def test_interpolating_two_prompts_ends_at_each_run(family):
     """w = 0 and w = 1 must reproduce each run's own predictions (the same model's, loaded from disk)."""
-    from feta.evaluation import predict
-    from feta.interpolation import interpolate
-
     root, runs = family
     table = interpolate(root / "prompt", root / "prompt_vocab", [0.5], root / "prompt" / "analysis")
     assert table["w"].tolist() == [0.0, 0.5, 1.0]
@@ -297,8 +291,6 @@ def test_interpolating_two_prompts_ends_at_each_run(family):
     ("prompt", "gated_prefix", r"analysis\.other=.* is a gated_prefix run"),
 ])
 def test_interpolating_mismatched_runs_is_a_clear_error(family, a, b, match):
-    from feta.interpolation import interpolate
-
     root, _ = family
     with pytest.raises(ValueError, match=match):
         interpolate(root / a, root / b, [0.5], root / "never")

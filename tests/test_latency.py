@@ -9,10 +9,9 @@ import torch
 
 from feta.adapters import LoraSpec, PrefixSpec, build_adapter
 from feta.latency import Decoder, Setting, batch_of, compare, frozen, measure
-from feta.models import ModelSpec, load_base_model
+from feta.models import load_base_model, named_model
 
-SPEC = ModelSpec(name="gpt2_tiny", source="random", arch="gpt2", tokenizer="gpt2",
-                 config={"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 512})
+SPEC = named_model("gpt2_tiny")
 # One thread: the test machine is shared, and a 2-thread OpenMP region stalls whenever another job holds
 # a core (measured 3x slower and erratic); a single thread only loses time slices.
 THREADS = 1

@@ -43,7 +43,7 @@ def evaluation(run: Path, kind: str, name: str, val_acc: float, model: str = "gp
     ev = {"run": str(run), "kind": kind, "name": name, "model": model, "m": m, "r": r, "trainable_params": 1234,
           "val_acc": val_acc, "macro_f1": round(val_acc - 0.006, 4), "val_size": 872,
           "per_class_acc": [val_acc - 0.01, val_acc + 0.01],
-          "confusion": [[400, 28], [80, 364]], "agreement_with_source": None, "latency": None, "residuals": None}
+          "confusion": [[400, 28], [80, 364]], "class_agreement": None, "latency": None, "residuals": None}
     return ev | extra
 
 
@@ -80,7 +80,7 @@ def make_sweep(root: Path) -> Path:
     residuals = {"last": residual_curve(0.2, 0.9), "content": residual_curve(0.1, 0.5),
                  "all": residual_curve(0.05, 0.2)}
     (compiled / "eval.json").write_text(json.dumps(evaluation(
-        compiled, "compiled", "compiled-m16-r4", 0.742, m=16, r=4, agreement_with_source=0.958,
+        compiled, "compiled", "compiled-m16-r4", 0.742, m=16, r=4, class_agreement=0.958,
         latency=latency(1700.0, merged_us=1505.0), residuals=residuals)))
     train_run(root / "2", None)  # trained, never evaluated
     train_run(root / "3", None, raw='{"kind": "lora", "val_acc": 0.9')  # evaluate.py died mid-write
@@ -136,8 +136,8 @@ def test_collect_rows_and_skipped(sweep: Path) -> None:
     assert row.loc["prefix-m16", "decode_us"] == pytest.approx(29680.0)
     assert row.loc["prefix-m16", "decode_ms"] == pytest.approx(29.68)
     assert row.loc["prefix-m16", "m"] == 16 and pd.isna(row.loc["prefix-m16", "r"])
-    assert row.loc["compiled-m16-r4", "agreement"] == pytest.approx(95.8)
-    assert pd.isna(row.loc["lora-r4", "agreement"])
+    assert row.loc["compiled-m16-r4", "class_agreement"] == pytest.approx(95.8)
+    assert pd.isna(row.loc["lora-r4", "class_agreement"])
     assert row.loc["compiled-m16-r4", "residual_last_mean"] == pytest.approx(0.55, abs=1e-3)
     assert row.loc["compiled-m16-r4", "residual_last_max"] == pytest.approx(0.9)
     assert row.loc["compiled-m16-r4", "residual_content_mean"] == pytest.approx(0.3, abs=1e-3)
@@ -177,7 +177,7 @@ def test_build_report_files(sweep: Path) -> None:
                                  "decode ratio"]].tolist() == ["87.6", "1510", "1.01× ±0.03", "28000", "1.00×"]
     assert table.loc["prefix-m16", ["accuracy %", "latency µs/token", "ref accuracy %", "ref latency µs/token"]
                      ].tolist() == ["76.1", "1560", "76.1", "44.1"]
-    assert table.loc["compiled-m16-r4", "agreement %"] == "95.8" and table.loc["lora-r4", "agreement %"] == "—"
+    assert table.loc["compiled-m16-r4", "class agreement %"] == "95.8" and table.loc["lora-r4", "class agreement %"] == "—"
     assert table.loc["lora-r4", "trainable params"] == "1,234"
     assert "cpu, float32, 2 threads" in md
     assert "mixes" not in md
@@ -278,7 +278,7 @@ def decode_latency(adapter_us: float, merged_us: float | None = None) -> dict:
 def generation_eval(run: Path, kind: str, name: str, bleu: float, rouge_l: float, m=None, r=None, **extra) -> dict:
     ev = {"run": str(run), "kind": kind, "name": name, "model": "gpt2", "task": "generation", "main_metric": "bleu",
           "m": m, "r": r, "trainable_params": 4321, "bleu": bleu, "rouge_l": rouge_l, "val_size": 50,
-          "outputs": "outputs.jsonl", "agreement_with_source": None, "latency": None, "residuals": None}
+          "outputs": "outputs.jsonl", "identical_outputs": None, "latency": None, "residuals": None}
     return ev | extra
 
 
@@ -298,7 +298,7 @@ def make_generation_sweep(root: Path) -> Path:
     (compiled / "compile.json").write_text("{}")
     (compiled / "eval.json").write_text(json.dumps(generation_eval(
         compiled, "compiled", "compiled-m16-r4", BLEU["compiled-m16-r4"], 38.0, m=16, r=4,
-        agreement_with_source=0.42, token_agreement=0.91, bleu_vs_source=64.0,
+        identical_outputs=0.42, token_agreement=0.91, bleu_vs_source=64.0,
         latency=decode_latency(25000.0, merged_us=20600.0),
         residuals={"last": residual_curve(0.3, 0.8), "content": residual_curve(0.1, 0.4)})))
     train_run(root / "3", generation_eval(root / "3", "lora", "lora-r8", None, 50.0, r=8))  # no BLEU
@@ -324,7 +324,7 @@ def test_generation_sweep_reports_bleu(tmp_path: Path) -> None:
     assert row.loc["prefix-m16", "decode_ms"] == pytest.approx(23.0)
     assert row.loc["prefix-m16", "latency_form"] == "adapter"
     assert row.loc["base", "decode_ratio"] == pytest.approx(1.0)
-    assert row.loc["compiled-m16-r4", "agreement"] == pytest.approx(42.0)
+    assert row.loc["compiled-m16-r4", "identical_outputs"] == pytest.approx(42.0)
     assert row.loc["compiled-m16-r4", "token_agreement"] == pytest.approx(91.0)
     assert row.loc["compiled-m16-r4", "bleu_vs_source"] == pytest.approx(64.0)
     assert df["ref_metric"].isna().all()  # the reference is a classification run: no BLEU to compare with
@@ -336,7 +336,7 @@ def test_generation_sweep_reports_bleu(tmp_path: Path) -> None:
     assert list(table.columns[:5]) == ["BLEU", "ROUGE-L", "decode ms/token", "ratio to base", "trainable params"]
     assert table["BLEU"].tolist() == ["3.4", "21.5", "27.3", "19.8"]
     assert table.loc["lora-r4", ["decode ms/token", "ratio to base"]].tolist() == ["20.4", "1.02× ±0.01"]
-    assert table.loc["compiled-m16-r4", ["agreement %", "token agreement %", "BLEU vs source"]].tolist() == [
+    assert table.loc["compiled-m16-r4", ["identical outputs %", "token agreement %", "BLEU vs source"]].tolist() == [
         "42.0", "91.0", "64.0"]
     assert "accuracy" not in table.columns and "ref latency µs/token" not in table.columns
     for key in ("metric_vs_latency", "metric_summary", "equiv_heatmap"):

@@ -85,7 +85,7 @@ def test_bad_rows_are_named(runs_dir):
 
 def test_serve_command(runs_dir, capsys):
     adapters = _adapters(runs_dir)
-    cfg = compose_cfg("serve", [f"+adapters.{n}={p}" for n, p in adapters.items()] + ["val=12", "batch_size=8"])
+    cfg = compose_cfg("serve", [f"+adapters.{n}={p}" for n, p in adapters.items()] + ["val_limit=12", "batch_size=8"])
     out = serve.serve(cfg)
     assert [r["adapter"] for r in out] == (list(adapters) + [BASE]) * 3
     assert all(r["class"] in ("0", "1") and len(r["scores"]) == 2 for r in out)
@@ -138,7 +138,7 @@ def test_generation_rows_of_a_mixed_batch_equal_each_adapter_alone(e2e_runs):
 
 
 def test_serve_command_generates_and_scores_bleu(e2e_runs, capsys):
-    cfg = compose_cfg("serve", [f"+adapters.{n}={p}" for n, p in e2e_runs.items()] + ["val=6", "batch_size=4"])
+    cfg = compose_cfg("serve", [f"+adapters.{n}={p}" for n, p in e2e_runs.items()] + ["val_limit=6", "batch_size=4"])
     out = serve.serve(cfg)
     assert [r["adapter"] for r in out] == ["a", "b", BASE] * 2
     assert all(isinstance(r["output"], str) and r["input"]["mr"].startswith("name[") for r in out)

@@ -1,4 +1,4 @@
-"""evaluate.py analysis=task_vector: the merged-minus-base task vector against B·A·scale, per precision."""
+"""analyze.py analysis=task_vector: the merged-minus-base task vector against B·A·scale, per precision."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from evaluate import evaluate
+from analyze import analyze
 from feta.task_vector import compare_task_vector
 from tests.conftest import compose_cfg, tiny_train_cfg
 from train import train
@@ -30,7 +30,7 @@ def runs(tmp_path_factory):
 
 
 def _analyse(ckpt: Path, precision: str) -> tuple[dict, pd.DataFrame]:
-    summary = evaluate(compose_cfg("evaluate", [f"ckpt={ckpt}", "analysis=task_vector", f"analysis.precision={precision}", "~logger"]))
+    summary = analyze(compose_cfg("analyze", [f"ckpt={ckpt}", "analysis=task_vector", f"analysis.precision={precision}", "~logger"]))
     table = pd.read_csv(ckpt / "analysis" / f"task_vector_{precision}.csv")
     assert json.loads((ckpt / "analysis" / f"task_vector_{precision}.json").read_text())["tensors"] == len(table)
     return summary, table
@@ -59,12 +59,12 @@ def test_low_precision_merge_shows_its_artifacts(runs, precision):
 
 def test_task_vector_refuses_a_prefix_run(runs):
     with pytest.raises(ValueError, match=r"ckpt=.*: is a prefix run; analysis=task_vector takes a LoRA run or a compiled dir"):
-        evaluate(compose_cfg("evaluate", [f"ckpt={runs['prefix']}", "analysis=task_vector", "~logger"]))
+        analyze(compose_cfg("analyze", [f"ckpt={runs['prefix']}", "analysis=task_vector", "~logger"]))
 
 
 def test_bad_precision_names_the_field(runs):
     with pytest.raises(ValueError, match=r"analysis\.precision: unknown choice 'fp8'; use one of fp32, fp16, bf16"):
-        evaluate(compose_cfg("evaluate", [f"ckpt={runs['lora']}", "analysis=task_vector", "analysis.precision=fp8", "~logger"]))
+        analyze(compose_cfg("analyze", [f"ckpt={runs['lora']}", "analysis=task_vector", "analysis.precision=fp8", "~logger"]))
 
 
 def test_cosine_is_at_most_one_and_exact_for_parallel_tensors():

@@ -70,7 +70,7 @@ def test_users_csv_trains_compiles_and_evaluates_three_classes(csv_sweep):
         assert len(confusion) == 3 and sum(map(sum, confusion)) == 30
         assert ev["val_acc"] == pytest.approx(sum(confusion[i][i] for i in range(3)) / 30)
         assert 0 <= ev["macro_f1"] <= 1
-    assert 0 <= evals["compiled-r4"]["agreement_with_source"] <= 1
+    assert 0 <= evals["compiled-r4"]["class_agreement"] <= 1
     assert evals["0"]["val_acc"] == pytest.approx(metrics["val_acc"], abs=1e-6)  # training and evaluate agree
     report = csv_sweep / "report" / "results.csv"
     assert report.is_file() and "metric" in report.read_text().splitlines()[0]
@@ -109,7 +109,7 @@ def test_pair_task_trains_compiles_and_evaluates_on_both_columns(pair_sweep):
     for ev in evals.values():
         assert ev["classes"] == ["yes", "no"] and sum(map(sum, ev["confusion"])) == 20
     assert evals["0"]["val_acc"] == pytest.approx(metrics["val_acc"], abs=1e-6)
-    assert 0 <= evals["compiled-r4"]["agreement_with_source"] <= 1
+    assert 0 <= evals["compiled-r4"]["class_agreement"] <= 1
 
 
 @pytest.fixture(scope="module")
@@ -134,16 +134,16 @@ def test_generation_trains_on_targets_compiles_and_scores_bleu(e2e_sweep):
         assert len(lines) == 6 and all(set(x) >= {"input", "output", "references"} for x in lines)
         assert all(x["input"].startswith("Table: name[") and len(x["references"]) >= 1 for x in lines)
     compiled = evals["compiled-r4"]
-    for key in ("agreement_with_source", "token_agreement"):
+    for key in ("identical_outputs", "token_agreement"):
         assert 0 <= compiled[key] <= 1
     lines = [json.loads(x) for x in (dirs["compiled-r4"] / "outputs.jsonl").read_text().splitlines()]
     same = sum(x["output"] == x["source_output"] for x in lines) / len(lines)
-    assert compiled["agreement_with_source"] == pytest.approx(same)
+    assert compiled["identical_outputs"] == pytest.approx(same) and compiled["class_agreement"] is None
     prefix_lines = [json.loads(x) for x in (dirs["0"] / "outputs.jsonl").read_text().splitlines()]
     assert [x["source_output"] for x in lines] == [x["output"] for x in prefix_lines]  # read back, not re-decoded
     # On the source's own outputs, and the share of its BLEU gain kept: the source's BLEU is the prefix run's own.
     assert compiled["source_bleu"] == pytest.approx(evals["0"]["bleu"])
-    assert 0 <= compiled["own_token_agreement"] <= 1 and compiled["own_kl"] >= 0
+    assert 0 <= compiled["own_token_agreement"] <= 1 and compiled["own_token_kl"] >= 0
     gain = evals["0"]["bleu"] - compiled["base_bleu"]
     if abs(gain) > 1e-9:
         assert compiled["gain_recovered"] == pytest.approx((compiled["bleu"] - compiled["base_bleu"]) / gain)

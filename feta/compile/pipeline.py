@@ -200,10 +200,12 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "16-mixed" if dtype == torch.float16 and device.type == "cuda" else "32-true"
 
 
-def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, merge_dtype: str | None = None
-                ) -> dict[str, Any]:
+def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, merge_dtype: str | None = None,
+                overwrite: bool = True) -> dict[str, Any]:
     """Compile the adapter of `source` into a PEFT LoRA adapter at `out_dir`/adapter (and, with a
-    `merge_dtype`, the merged model at `out_dir`/merged); returns compile.json."""
+    `merge_dtype`, the merged model at `out_dir`/merged); returns compile.json. `out_dir` is written by
+    one process at a time and appears whole; without `overwrite`, a directory another compile wrote
+    meanwhile is kept and this one stops."""
     device = resolve_device(spec.device)
     base, tokenizer = load_base_model(source.model, keep=False)
     dtype = getattr(torch, spec.dtype) if spec.dtype else base.dtype
@@ -230,7 +232,11 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
     if calibration.own is not None:
         record["own_outputs"] = own_output_measures(cm, calibration.own, tokenizer, device)
     record["device"], record["dtype"] = str(device), str(dtype).removeprefix("torch.")
-    with storage.atomic_dir(out_dir) as tmp:
+    # Locked from here, not from the start: a compile refused while it checks its inputs leaves nothing.
+    with storage.path_lock(f"out_dir={out_dir}", out_dir), storage.atomic_dir(out_dir) as tmp:
+        if Path(out_dir).exists() and not overwrite:
+            raise UserError(f"out_dir={out_dir}", "was written by another compile meanwhile",
+                            "pass overwrite=true to replace it, or out_dir=<another dir>")
         cm.lora.save_pretrained(str(tmp / runs.ADAPTER))
         if merge_dtype is not None:
             check = {k: calibration.held_out[k][:MERGE_CHECK].to(device) for k in ("input_ids", "attention_mask")}
