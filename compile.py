@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from feta import runs
 from feta.cli import cli, run_main, task_wrapper
-from feta.compile import compile_run, resolve_source
-from feta.compile.spec import CompileConfig, CompileSpec
+from feta.compile.pipeline import compile_run
+from feta.compile.source import resolve_source
+from feta.compile.spec import CompileSpec
 from feta.errors import UserError, check_path
-from feta.schema import check_output_dir, to_spec
+from feta.schema import CompileConfig, check_output_dir, to_spec
 from feta.tracking import compiled_artifact_name, log_artifact, make_logger, use_artifact
 
 log = logging.getLogger("feta")

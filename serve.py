@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from feta.cli import cli, run_main
 from feta.data import TaskDataModule
 from feta.metrics import generation_metrics
-from feta.serving import BASE, AdapterServer, ServeConfig, read_rows
+from feta.schema import ServeConfig
+from feta.serving import BASE, AdapterServer, read_rows
 
 
 def serve(cfg: DictConfig) -> list[dict]:

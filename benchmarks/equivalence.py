@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from feta.adapters import DEFAULT_INIT_TEXT, LoraSpec, PrefixSpec, build_adapter
+from feta.adapters import LoraSpec, PrefixSpec, build_adapter
 from feta.analysis import equivalence_models
 from feta.data import DataSpec, TaskDataModule
 from feta.equivalence import analyze
+from feta.data.spec import SST2_INSTRUCTION
 from feta.models import ModelSpec, load_base_model, named_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def prompt_batch(tokenizer, data: DataSpec, n: int, max_length: int) -> tuple[to
 def random_models(spec: ModelSpec, m: int = 8, seed: int = 0):
     """Base, prefix and LoRA models on separate copies (PEFT's LoRA edits its base in place)."""
     base, tok = load_base_model(spec)
-    prefix = build_adapter(load_base_model(spec)[0], tok, PrefixSpec(m=m, init="text"), spec.arch)
+    prefix = build_adapter(load_base_model(spec)[0], tok, PrefixSpec(m=m, init="text", init_text=SST2_INSTRUCTION), spec.arch)
     lora = build_adapter(load_base_model(spec)[0], tok, LoraSpec(r=4), spec.arch)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # off the init, so that neither sits at a special point
@@ -52,7 +53,7 @@ def random_models(spec: ModelSpec, m: int = 8, seed: int = 0):
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=gen)
-    return base, prefix, lora, tok, torch.tensor(tok(DEFAULT_INIT_TEXT, add_special_tokens=False)["input_ids"])
+    return base, prefix, lora, tok, torch.tensor(tok(SST2_INSTRUCTION, add_special_tokens=False)["input_ids"])
 
 
 def main() -> None:

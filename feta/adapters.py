@@ -16,7 +16,6 @@ from hydra.core.config_store import ConfigStore
 from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig,
                   get_peft_model, initialize_kv_prefix_from_text)
 
-from feta.data.spec import SST2_INSTRUCTION
 from feta.errors import UserError, check_choice, check_positive
 from feta.models import max_positions
 
@@ -30,8 +29,6 @@ DEFAULT_IA3_FEEDFORWARD = {"gpt2": ["mlp.c_proj"], "llama": ["down_proj"]}
 GATED_PREFIX_MODEL_TYPES = ("gpt2", "llama", "mistral")
 # Text whose key/value cache starts a prefix (PEFT's text init): real text keeps the model on its
 # manifold, where a random prefix first destroys it (65.5% vs 87.6% on SmolLM2, docs/results/family.md).
-# The configs take the task's own instruction (conf/adapter/prefix.yaml: init_text: ${data.instruction}).
-DEFAULT_INIT_TEXT = SST2_INSTRUCTION
 
 
 def _check_kind(kind: str, expected: str, spec: str) -> None:
@@ -58,7 +55,8 @@ class PrefixSpec:
     init: str = field(
         default="text", metadata={"help": "text: base model's KV of `init_text`; random; zero (PEFT init_weights)."}
     )
-    init_text: str | None = field(default=DEFAULT_INIT_TEXT,
+    # No default text: each task's config passes its own instruction (conf/adapter/prefix.yaml).
+    init_text: str | None = field(default=None,
                                   metadata={"help": "Text for init=text, >= m tokens; the configs use data.instruction."})
     projection: bool = field(default=False, metadata={"help": "MLP reparameterization (Li & Liang); init must not be text."})
     projection_hidden: int = field(default=512, metadata={"help": "Hidden size of the reparameterization MLP."})
@@ -109,7 +107,7 @@ class PromptSpec:
         default="text", metadata={"help": "text: embeddings of `init_text` (repeated/cut to m); random; "
                                           "vocab: embeddings of m sampled vocabulary tokens."}
     )
-    init_text: str | None = field(default=DEFAULT_INIT_TEXT,
+    init_text: str | None = field(default=None,
                                   metadata={"help": "Text for init=text; the configs use data.instruction."})
     lr: float = field(default=3e-3, metadata={"help": "Learning rate (prefix's; not tuned for prompts)."})
 

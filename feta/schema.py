@@ -1,8 +1,11 @@
-"""The entry points' config schemas, and `to_spec`, which builds any schema-backed node (checks included)."""
+"""Every entry point's config schema (train, compile, evaluate, analyze, serve), and `to_spec`, which builds
+any schema-backed node (checks included). The groups' schemas (model, data, adapter, analysis) live with
+what they configure."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +18,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 import feta.adapters  # noqa: F401
 import feta.data.spec  # noqa: F401
 import feta.models  # noqa: F401
+from feta.compile.spec import DTYPES, CompileSpec
 from feta.errors import UserError, check_choice, check_positive
 from feta.metrics import DIRECTION
+
+log = logging.getLogger("feta")
 
 
 def to_spec(cfg: DictConfig, key: str, spec_cls: type | None = None):
@@ -223,10 +229,65 @@ class AnalyzeConfig:
         check_positive("val_limit", self.val_limit, allow_none=True)
 
 
+@dataclass
+class CompileConfig(CompileSpec):
+    """Schema of `conf/compile.yaml`: the compile settings plus where to read and write."""
+
+    ckpt: str = field(default=MISSING, metadata={"help": "A token-adaptation run written by train.py, or a "
+                                                         "plain PEFT adapter directory."})
+    base_model: str | None = field(default=None, metadata={"help": "Guard: the model name the prefix must be "
+                                                                   "trained on (e.g. smollm2)."})
+    model: Any = field(default=None, metadata={"help": "PEFT adapter only: conf/model/*, its base model (null = "
+                                                       "adapter_config.json's base_model_name_or_path)."})
+    data: Any = field(default=None, metadata={"help": "PEFT adapter only: conf/data/*, the task it calibrates on."})
+    calib_file: str | None = field(default=None, metadata={"help": "PEFT adapter only: a UTF-8 text file of "
+                                                                   "calibration prompts, one per line."})
+    merge: bool = field(default=False, metadata={"help": "Also write merged/: the LoRA merged, safetensors."})
+    merge_dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing compiled directory."})
+    out_dir: str | None = field(default=None, metadata={"help": "null = <ckpt>/<CompileSpec.dir_name>."})
+    logger: Any = field(default=None, metadata={"help": "conf/logger/*: wandb | csv | null."})
+    preset: Any = field(default=None, metadata={"help": "conf/preset/*: a named recipe."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.merge_dtype not in DTYPES:
+            raise UserError("merge_dtype", f"unknown dtype {self.merge_dtype!r}", f"use one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class ServeConfig:
+    """Schema of `conf/serve.yaml`."""
+
+    adapters: dict[str, str] = field(default_factory=dict, metadata={"help": "name -> run or compiled dir."})
+    input: str | None = field(default=None, metadata={"help": "TSV of adapter<TAB>text lines; '-' = stdin."})
+    val_limit: int | None = field(default=None, metadata={"help": "Serve this many validation inputs of the "
+                                                                   "adapters' task (the data module's subset)."})
+    val_seed: int | None = field(default=None, metadata={"help": "Which of them; null = the run's data.val_seed."})
+    val: int | None = field(default=None, metadata={"help": "Alias of val_limit (warns)."})
+    batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
+    base: bool = field(default=True, metadata={"help": "With val_limit: the base model takes turns too."})
+
+    def __post_init__(self) -> None:
+        if not self.adapters:
+            raise UserError("adapters", "none given", "pass adapters.<name>=<run dir or compiled dir>")
+        if self.val is not None:
+            if self.val_limit is not None:
+                raise UserError("val", "is an alias of val_limit, and both are given", "give val_limit alone")
+            log.warning("serve.py's val is an alias of val_limit, the key evaluate.py and training use too")
+            self.val_limit, self.val = self.val, None
+        if (self.input is None) == (self.val_limit is None):
+            raise UserError("input", "give exactly one of input=<file> and val_limit=<N>", "e.g. val_limit=64")
+        check_positive("val_limit", self.val_limit, allow_none=True)
+        check_positive("batch_size", self.batch_size)
+
+
 cs = ConfigStore.instance()
 cs.store(name="train_schema", node=TrainConfig)
 cs.store(name="evaluate_schema", node=EvaluateConfig)
 cs.store(name="analyze_schema", node=AnalyzeConfig)
+cs.store(name="compile_schema", node=CompileConfig)
+cs.store(name="serve_schema", node=ServeConfig)
 for _name, _node in (("equivalence", EquivalenceAnalysis), ("task_vector", TaskVectorAnalysis),
                      ("interpolate", InterpolateAnalysis)):
     cs.store(group="analysis", name=f"{_name}_schema", node=_node)

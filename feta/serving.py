@@ -19,18 +19,16 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from hydra.core.config_store import ConfigStore
 from peft import PeftModel
 
 from feta import runs
 from feta.data import Task, TaskKind, make_task
 from feta.decoding import decode_texts
-from feta.errors import UserError, check_path, check_positive
+from feta.errors import UserError, check_path
 from feta.kinds import KINDS, kinds
 from feta.models import load_base_model
 from feta.scoring import class_log_probs
@@ -186,34 +184,7 @@ class AdapterServer:
         return out
 
 
-@dataclass
-class ServeConfig:
-    """Schema of `conf/serve.yaml`."""
 
-    adapters: dict[str, str] = field(default_factory=dict, metadata={"help": "name -> run or compiled dir."})
-    input: str | None = field(default=None, metadata={"help": "TSV of adapter<TAB>text lines; '-' = stdin."})
-    val_limit: int | None = field(default=None, metadata={"help": "Serve this many validation inputs of the "
-                                                                   "adapters' task (the data module's subset)."})
-    val_seed: int | None = field(default=None, metadata={"help": "Which of them; null = the run's data.val_seed."})
-    val: int | None = field(default=None, metadata={"help": "Alias of val_limit (warns)."})
-    batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
-    base: bool = field(default=True, metadata={"help": "With val_limit: the base model takes turns too."})
-
-    def __post_init__(self) -> None:
-        if not self.adapters:
-            raise UserError("adapters", "none given", "pass adapters.<name>=<run dir or compiled dir>")
-        if self.val is not None:
-            if self.val_limit is not None:
-                raise UserError("val", "is an alias of val_limit, and both are given", "give val_limit alone")
-            log.warning("serve.py's val is an alias of val_limit, the key evaluate.py and training use too")
-            self.val_limit, self.val = self.val, None
-        if (self.input is None) == (self.val_limit is None):
-            raise UserError("input", "give exactly one of input=<file> and val_limit=<N>", "e.g. val_limit=64")
-        check_positive("val_limit", self.val_limit, allow_none=True)
-        check_positive("batch_size", self.batch_size)
-
-
-ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 
 
 def read_rows(path: str) -> tuple[list[str], list[str]]:

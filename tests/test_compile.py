@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from compile import compile_prefix
 from feta import runs
 from feta.adapters import compiled_lora_config
-from feta.compile import CompileSpec, layer_residuals
+from feta.compile.pipeline import layer_residuals
+from feta.compile.spec import CompileSpec
 from feta.compile.distill import DistillModule
 from feta.models import load_base_model
 from tests.conftest import compile_cfg, tiny_train_cfg

@@ -11,7 +11,7 @@ import torch
 from peft import AdaptionPromptConfig, PeftModel, PrefixTuningConfig
 
 from feta.adapters import compiled_lora_config
-from feta.compile import resolve_source
+from feta.compile.source import resolve_source
 from feta.compile.calibration import calibrate
 from feta.compile.distill import CachedTeacherModule, teacher_cache
 from feta.compile.fit import target_modules

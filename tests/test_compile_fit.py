@@ -12,7 +12,7 @@ import torch
 from peft import AdaptionPromptConfig, LoraConfig, PrefixTuningConfig, get_peft_model
 
 from feta.adapters import compiled_lora_config
-from feta.compile import CompileSpec
+from feta.compile.spec import CompileSpec
 from feta.compile import layers, memory, sequential
 from feta.compile.fit import LstsqStats, numbered_modules, reduced_rank_fit, target_modules
 from feta.compile.sequential import fit_sequential

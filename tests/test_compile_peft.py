@@ -19,7 +19,7 @@ from peft import (AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfi
                   PromptTuningConfig)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from feta.compile import resolve_source
+from feta.compile.source import resolve_source
 from feta.compile.calibration import calibrate
 from feta.compile.spec import CompileSpec
 from feta.errors import UserError

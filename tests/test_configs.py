@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ValidationError
 
 from feta.adapters import LoraSpec, PrefixSpec, build_adapter, trainable_parameters
+from feta.data.spec import SST2_INSTRUCTION
 from feta.models import ModelSpec, load_base_model
 from feta.schema import to_spec
 from tests.conftest import ROOT, compose_cfg
@@ -119,7 +120,7 @@ def test_text_init_starts_from_the_tasks_instruction(data, adapter):
     cfg = compose_cfg("train", [f"data={data}", f"adapter={adapter}"])
     instruction = to_spec(cfg, "data").instruction
     assert to_spec(cfg, "adapter").init_text == instruction and len(instruction.split()) >= 16
-    assert (data == "sst2") == (instruction == PrefixSpec().init_text)  # each task has its own words
+    assert (data == "sst2") == (instruction == SST2_INSTRUCTION)  # each task has its own words
 
 
 def test_text_init_without_an_instruction_names_it():

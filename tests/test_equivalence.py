@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from feta import equivalence as eq
-from feta.adapters import DEFAULT_INIT_TEXT, LoraSpec, PrefixSpec, build_adapter
+from feta.adapters import LoraSpec, PrefixSpec, build_adapter
+from feta.data.spec import SST2_INSTRUCTION
 from feta.models import load_base_model, named_model
 
 F64 = torch.float64
@@ -90,7 +91,8 @@ def test_gating_identity_real_attention(arch, impl, tol):
 def test_explicit_mask_matches_the_models_own_attention(arch):
     """The explicit masks of the library against the model's own forward (causal, padding, PEFT prefix)."""
     model, tok = base(arch)
-    prefix_model = build_adapter(load_base_model(SPECS[arch])[0], tok, PrefixSpec(m=4, init="text"), arch).to(F64).eval()
+    prefix_model = build_adapter(load_base_model(SPECS[arch])[0], tok, PrefixSpec(m=4, init="text", init_text=SST2_INSTRUCTION),
+                                 arch).to(F64).eval()
     ids, mask = data()
     valid = mask.bool()
     for net, prefix in [(model, None), (prefix_model, eq.prefix_of(prefix_model, F64))]:
@@ -107,7 +109,7 @@ def test_explicit_mask_matches_the_models_own_attention(arch):
                                   None if prefix is None else prefix[l])
             assert (mine - outs[l])[valid].abs().max() < 1e-12
     # the text init of the library is PEFT's (which ran in float32, when the adapter was built)
-    text = eq.text_prefix(model, torch.tensor(tok(DEFAULT_INIT_TEXT, add_special_tokens=False)["input_ids"][:4]))
+    text = eq.text_prefix(model, torch.tensor(tok(SST2_INSTRUCTION, add_special_tokens=False)["input_ids"][:4]))
     for (k, v), (pk, pv) in zip(text, eq.prefix_of(prefix_model, F64)):
         assert (k - pk).abs().max() < 1e-6 and (v - pv).abs().max() < 1e-6
 
@@ -379,7 +381,7 @@ def test_content_log_attention_pure():
 def adapted(arch: str, seed: int = 0):
     """(base, prefix model, LoRA model) on separate copies: PEFT's LoRA edits its base in place."""
     model, tok = base(arch)
-    prefix = build_adapter(load_base_model(SPECS[arch])[0], tok, PrefixSpec(m=4, init="text"), arch)
+    prefix = build_adapter(load_base_model(SPECS[arch])[0], tok, PrefixSpec(m=4, init="text", init_text=SST2_INSTRUCTION), arch)
     lora = build_adapter(load_base_model(SPECS[arch])[0], tok, LoraSpec(r=4), arch)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # "trained": move off the init, so nothing sits at a special point

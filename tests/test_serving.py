@@ -71,7 +71,7 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(runs_dir):
 
 
 def test_prefix_run_is_refused_with_the_compile_command(runs_dir):
-    with pytest.raises(ValueError, match=r"is a prefix \(token adaptation\).*python compile.py ckpt=.*compiled-r4"):
+    with pytest.raises(ValueError, match=r"is a prefix \(token adaptation\).*python compile.py ckpt=.*compiled-r<rank>"):
         AdapterServer.from_runs({"p": runs_dir / "prefix"})
 
 

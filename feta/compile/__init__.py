@@ -13,12 +13,7 @@
     distill.py       gradient steps from the source (methods distill, lstsq+distill)
     faithfulness.py  next-token agreement and KL of the compiled model against its source adapter
     pipeline.py      compile_run: source -> calibration -> fit -> residuals -> compiled directory; merge
+
+Import from the modules themselves (`from feta.compile.pipeline import compile_run`): the package imports
+nothing, so that feta.schema can read compile.spec without loading the compile.
 """
-
-from feta.compile.calibration import calibration_batches
-from feta.compile.pipeline import compile_run, layer_residuals
-from feta.compile.source import CompileSource, check_source, resolve_source
-from feta.compile.spec import CLOSED_FORM, MODULE_PATTERNS, CompileSpec, Method
-
-__all__ = ["CLOSED_FORM", "MODULE_PATTERNS", "CompileSource", "CompileSpec", "Method", "calibration_batches",
-           "check_source", "compile_run", "layer_residuals", "resolve_source"]

@@ -6,10 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 from feta.errors import UserError, check_positive
 
@@ -205,32 +202,3 @@ class CompileSpec:
         return (f"compiled-r{self.rank}" + ("" if self.method is Method.sink else f"-{self.method.value}")
                 + ("" if self.target == "o" else f"-{self.target.replace('+', '_')}")
                 + ("-nobias" if not self.bias and self.method is not Method.distill else ""))
-
-
-@dataclass
-class CompileConfig(CompileSpec):
-    """Schema of `conf/compile.yaml`: the compile settings plus where to read and write."""
-
-    ckpt: str = field(default=MISSING, metadata={"help": "A token-adaptation run written by train.py, or a "
-                                                         "plain PEFT adapter directory."})
-    base_model: str | None = field(default=None, metadata={"help": "Guard: the model name the prefix must be "
-                                                                   "trained on (e.g. smollm2)."})
-    model: Any = field(default=None, metadata={"help": "PEFT adapter only: conf/model/*, its base model (null = "
-                                                       "adapter_config.json's base_model_name_or_path)."})
-    data: Any = field(default=None, metadata={"help": "PEFT adapter only: conf/data/*, the task it calibrates on."})
-    calib_file: str | None = field(default=None, metadata={"help": "PEFT adapter only: a UTF-8 text file of "
-                                                                   "calibration prompts, one per line."})
-    merge: bool = field(default=False, metadata={"help": "Also write merged/: the LoRA merged, safetensors."})
-    merge_dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing compiled directory."})
-    out_dir: str | None = field(default=None, metadata={"help": "null = <ckpt>/<CompileSpec.dir_name>."})
-    logger: Any = field(default=None, metadata={"help": "conf/logger/*: wandb | csv | null."})
-    preset: Any = field(default=None, metadata={"help": "conf/preset/*: a named recipe."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.merge_dtype not in DTYPES:
-            raise UserError("merge_dtype", f"unknown dtype {self.merge_dtype!r}", f"use one of {', '.join(DTYPES)}")
-
-
-ConfigStore.instance().store(name="compile_schema", node=CompileConfig)
