@@ -293,7 +293,7 @@ CASES = [
     Case("train-adapter-nope", "train", (*TRAIN, "adapter=nope"),
          r"adapter=nope: no such adapter option; use one of .*lora.*prefix"),
     Case("train-data-nope", "train", (*TRAIN, "data=nope"),
-         r"data=nope: no such data option; use one of agnews, csv, e2e, sst2$"),
+         r"data=nope: no such data option; use one of agnews, csv, e2e, snli, sst2$"),
     # --- serve
     Case("serve-no-adapters", "serve", ("val=2",), r"adapters: none given; pass adapters\.<name>="),
     Case("serve-prefix-adapter", "serve", ("adapters.a=<PREFIX>", "val=2"),

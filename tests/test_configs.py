@@ -114,7 +114,7 @@ def test_lora_targets_checked_against_the_model(tiny_model):
         build_adapter(model, tok, LoraSpec(targets=["q_proj"]), "gpt2", "gpt2_tiny")
 
 
-@pytest.mark.parametrize("data", ["sst2", "agnews", "e2e"])
+@pytest.mark.parametrize("data", ["sst2", "agnews", "e2e", "snli"])
 @pytest.mark.parametrize("adapter", ["prefix", "prompt"])
 def test_text_init_starts_from_the_tasks_instruction(data, adapter):
     cfg = compose_cfg("train", [f"data={data}", f"adapter={adapter}"])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from feta.data import IGNORE, DataSpec, TaskDataModule, make_task, read_file, read_splits
+from feta.data.files import ASSETS
 from feta.errors import UserError
 from feta.models import load_base_model
 from feta.schema import to_spec
@@ -41,6 +43,18 @@ def test_shipped_agnews_has_four_balanced_classes():
     data = read_splits(spec, ["text", "label"], {"label": list(spec.classes)})
     assert len(data["train"]) == 10_001 and len(data["validation"]) == 7_600
     assert {c: sum(ex["label"] == c for ex in data["validation"]) for c in spec.classes} == {c: 1900 for c in spec.classes}
+
+
+def test_shipped_snli_is_the_corpus_dev_and_test_splits():
+    spec = _spec("data=snli")
+    data = read_splits(spec, ["premise", "hypothesis", "label"], {"label": list(spec.classes)})
+    assert len(data["train"]) == 9_842 and len(data["validation"]) == 9_824
+    counts = {c: sum(ex["label"] == c for ex in data["validation"]) for c in spec.classes}
+    assert counts == {"entailment": 3_368, "neutral": 3_219, "contradiction": 3_237}
+    folder = ASSETS / "snli"
+    sums = dict(line.split()[::-1] for line in (folder / "SHA256SUMS").read_text().splitlines())
+    for name, digest in sums.items():  # the shipped copies are the files the README describes, unchanged
+        assert hashlib.sha256(gzip.open(folder / f"{name}.gz").read()).hexdigest() == digest
 
 
 def test_shipped_e2e_groups_references_by_input(tiny):
