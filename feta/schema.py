@@ -272,6 +272,7 @@ class ServeConfig:
         if not self.adapters:
             raise UserError("adapters", "none given", "pass adapters.<name>=<run dir or compiled dir>")
         if self.val is not None:
+            check_positive("val", self.val)
             if self.val_limit is not None:
                 raise UserError("val", "is an alias of val_limit, and both are given", "give val_limit alone")
             log.warning("serve.py's val is an alias of val_limit, the key evaluate.py and training use too")

@@ -166,7 +166,8 @@ CASES = [
          r"val_limit: must be a positive int or null, got 0"),
     Case("evaluate-latency-batches-0", "evaluate", ("ckpt=<LORA>", "latency.batches=[0]"),
          r"latency\.batches: must be a positive int, got 0"),
-    Case("serve-val-0", "serve", ("adapters.a=<LORA>", "val=0"), r"val: must be a positive int or null, got 0"),
+    Case("serve-val-0", "serve", ("adapters.a=<LORA>", "val=0"), r"val: must be a positive int, got 0"),
+    Case("serve-val-limit-0", "serve", ("adapters.a=<LORA>", "val_limit=0"), r"val_limit: must be a positive int or null, got 0"),
     # --- data files
     Case("data-csv-without-files", "train", (*TRAIN, "data=csv"), r"data\.(name=csv|train_file)"),
     Case("data-wrong-header", "train", (*TRAIN, *CSV),
@@ -305,7 +306,7 @@ CASES = [
     Case("serve-bad-input-line", "serve", ("adapters.a=<LORA>", "input=<T>/rows.tsv"),
          r"input=.*/rows\.tsv:2: is not adapter<TAB>text", files(rows__tsv="a\ta fine film\njust text, no adapter\n")),
     Case("serve-neither-input-nor-val", "serve", ("adapters.a=<LORA>",),
-         r"input: give exactly one of input=<file> and val=<N>"),
+         r"input: give exactly one of input=<file> and val_limit=<N>"),
 ]
 
 
