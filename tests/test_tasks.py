@@ -121,7 +121,7 @@ def e2e_sweep(tmp_path_factory):
 
 def test_generation_trains_on_targets_compiles_and_scores_bleu(e2e_sweep):
     metrics = json.loads((e2e_sweep / "0" / "metrics.json").read_text())
-    assert metrics["task"] == "generation" and metrics["main_metric"] == "val_loss" and metrics["val_size"] == 6
+    assert metrics["task"] == "generation" and metrics["main_metric"] == "val_token_acc" and metrics["val_size"] == 6
     record = json.loads((e2e_sweep / "0" / "compiled-r4" / "compile.json").read_text())
     assert record["task"] == "generation" and len(record["residuals"]["last"]) == 2
     out = evaluate(compose_cfg("evaluate", [f"ckpt={e2e_sweep}", "~logger", "latency.enabled=false"]))
