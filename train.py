@@ -87,14 +87,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     with storage.path_lock(f"output_dir={run_dir}", run_dir):
         if (finished := finished_or_checked(run_dir, cfg)) is not None:
             return finished, {}
-        return fit(cfg, run_dir, peft_model, tokenizer, datamodule, extra_callbacks, started_at)
+        return fit(cfg, run_dir, (model_spec, data_spec, adapter_spec), peft_model, n_trainable, tokenizer,
+                   datamodule, extra_callbacks, started_at)
 
 
-def fit(cfg: DictConfig, run_dir, peft_model, tokenizer, datamodule: TaskDataModule,
+def fit(cfg: DictConfig, run_dir, specs: tuple, peft_model, n_trainable: int, tokenizer, datamodule: TaskDataModule,
         extra_callbacks: list[L.Callback], started_at: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train (or resume) the checked run in `run_dir` and write its adapter and metrics.json."""
-    model_spec, data_spec, adapter_spec = (to_spec(cfg, k) for k in ("model", "data", "adapter"))
-    n_trainable = trainable_parameters(peft_model)
+    """Train (or resume) the checked run in `run_dir` and write its adapter and metrics.json; `specs` are
+    the run's (model, data, adapter) specs."""
+    model_spec, data_spec, adapter_spec = specs
     task = datamodule.task
     optim = dict(lr=adapter_spec.lr, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
     if task.kind is TaskKind.classification:
@@ -138,7 +139,6 @@ def fit(cfg: DictConfig, run_dir, peft_model, tokenizer, datamodule: TaskDataMod
     metrics = {
         **scores,  # val_acc and val_macro_f1 (classification), val_loss, val_token_acc (generation)
         "task": task.kind.value,
-        # Generation's BLEU needs decoding (evaluate.py); training reports the teacher-forced loss.
         "main_metric": task.train_metric,  # higher is better (BLEU needs decoding: evaluate.py)
         "val_size": len(datamodule.splits["validation"]),
         "global_step": trainer.global_step,

@@ -20,7 +20,7 @@ import feta.data.spec  # noqa: F401
 import feta.models  # noqa: F401
 from feta.compile.spec import DTYPES, CompileSpec
 from feta.errors import UserError, check_choice, check_positive
-from feta.metrics import DIRECTION
+from feta.metrics import TRAIN_METRICS
 
 log = logging.getLogger("feta")
 
@@ -84,7 +84,9 @@ class TrainConfig:
             check_output_dir("output_dir", Path(self.output_dir))
         check_trainer(self.trainer or {})
         if self.optimized_metric is not None:
-            check_choice("optimized_metric", self.optimized_metric, tuple(DIRECTION))
+            # What some task's training records; train.py checks the run's own task once its data is read.
+            check_choice("optimized_metric", self.optimized_metric,
+                         tuple(dict.fromkeys(m for names in TRAIN_METRICS.values() for m in names)))
 
 
 # Lightning Trainer settings checked before a run starts: the smallest value that trains (or that Lightning
@@ -197,36 +199,37 @@ class InterpolateAnalysis:
 
 
 @dataclass
-class EvaluateConfig:
-    """Schema of `conf/evaluate.yaml`."""
+class ValidationSubset:
+    """The two keys of the validation subset, for an entry point that scores a run (evaluate, analyze, serve):
+    each overrides the run's own data.val_limit / data.val_seed for one command (DataSpec.with_validation)."""
 
-    ckpt: str = field(default=MISSING, metadata={"help": "A run, compiled or sweep directory."})
-    overwrite: bool = field(default=False, metadata={"help": "Re-evaluate runs that already have an eval.json."})
     val_limit: int | None = field(default=None, metadata={"help": "Score this many validation inputs; null = the "
                                                                    "run's data.val_limit."})
     val_seed: int | None = field(default=None, metadata={"help": "Which of them (a seeded sample); null = the run's "
                                                                  "data.val_seed."})
-    report: bool = field(default=True, metadata={"help": "For a sweep dir: write report/ after evaluating."})
-    latency: LatencyConfig = field(default_factory=LatencyConfig)
-    logger: Any = None
 
     def __post_init__(self) -> None:
         check_positive("val_limit", self.val_limit, allow_none=True)
 
 
 @dataclass
-class AnalyzeConfig:
-    """Schema of `conf/analyze.yaml`."""
+class EvaluateConfig(ValidationSubset):
+    """Schema of `conf/evaluate.yaml`."""
+
+    ckpt: str = field(default=MISSING, metadata={"help": "A run, compiled or sweep directory."})
+    overwrite: bool = field(default=False, metadata={"help": "Re-evaluate runs that already have an eval.json."})
+    report: bool = field(default=True, metadata={"help": "For a sweep dir: write report/ after evaluating."})
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    logger: Any = None
+
+
+@dataclass
+class AnalyzeConfig(ValidationSubset):
+    """Schema of `conf/analyze.yaml` (val_limit and val_seed: the inputs analysis=interpolate scores)."""
 
     ckpt: str = field(default=MISSING, metadata={"help": "The run (or compiled dir) to analyze."})
     analysis: Any = field(default=MISSING, metadata={"help": "conf/analysis/*: equivalence | task_vector | interpolate."})
-    val_limit: int | None = field(default=None, metadata={"help": "interpolate: score this many validation inputs; "
-                                                                   "null = the run's data.val_limit."})
-    val_seed: int | None = field(default=None, metadata={"help": "interpolate: which of them; null = the run's."})
     logger: Any = None
-
-    def __post_init__(self) -> None:
-        check_positive("val_limit", self.val_limit, allow_none=True)
 
 
 @dataclass
@@ -256,14 +259,11 @@ class CompileConfig(CompileSpec):
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(ValidationSubset):
     """Schema of `conf/serve.yaml`."""
 
     adapters: dict[str, str] = field(default_factory=dict, metadata={"help": "name -> run or compiled dir."})
     input: str | None = field(default=None, metadata={"help": "TSV of adapter<TAB>text lines; '-' = stdin."})
-    val_limit: int | None = field(default=None, metadata={"help": "Serve this many validation inputs of the "
-                                                                   "adapters' task (the data module's subset)."})
-    val_seed: int | None = field(default=None, metadata={"help": "Which of them; null = the run's data.val_seed."})
     val: int | None = field(default=None, metadata={"help": "Alias of val_limit (warns)."})
     batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
     base: bool = field(default=True, metadata={"help": "With val_limit: the base model takes turns too."})
@@ -279,7 +279,7 @@ class ServeConfig:
             self.val_limit, self.val = self.val, None
         if (self.input is None) == (self.val_limit is None):
             raise UserError("input", "give exactly one of input=<file> and val_limit=<N>", "e.g. val_limit=64")
-        check_positive("val_limit", self.val_limit, allow_none=True)
+        super().__post_init__()
         check_positive("batch_size", self.batch_size)
 
 

@@ -75,7 +75,6 @@ def is_finished(run_dir: str | Path) -> bool:
     return all(k in metrics for k in FINISHED_KEYS) and metrics.get("main_metric", "val_acc") in metrics
 
 
-
 @contextlib.contextmanager
 def failed_write(path: str | Path) -> Iterator[None]:
     """Turn an `OSError` raised in the block (no space, no permission) into one line naming `path`."""
