@@ -1,13 +1,16 @@
-"""Serve several adapters on one base model, a mixed batch per forward pass (feta/serving.py): classify
-inputs, or continue them for a generation task (E2E), each row through its own adapter.
+"""Serve several adapters on one base model, a mixed batch per forward pass (feta/serving.py). Adapters may
+be of different tasks: each row is read with its adapter's own task (classes, or a continuation).
 
-    python serve.py adapters.lora=multirun/<date>/<time>/1 adapters.compiled=multirun/<date>/<time>/0/compiled-r4 val_limit=64
-    python serve.py adapters.lora=<run> adapters.compiled=<run>/compiled-r4 input=rows.tsv   # adapter<TAB>text lines
+    python serve.py adapters.sst2=<LoRA run> adapters.topics=<run>/compiled-r4 val_limit=64
+    python serve.py adapters.sst2=<run> adapters.nli=<run>/compiled-r4 input=rows.jsonl
 
 Each adapters.NAME=DIR loads a LoRA run or a compiled prefix under NAME; `__base__` names the base model.
-val_limit=N serves N validation inputs of the adapters' task (the first N, or with val_seed a seeded
-sample: the subset evaluate.py scores), the adapters taking turns row by row, and prints each adapter's accuracy (generation: BLEU against all references of its inputs).
-Output: one JSON line per row (adapter, input, class and scores; or output).
+val_limit=N serves N validation inputs of each adapter's task (the first N, or with val_seed a seeded
+sample: the subset evaluate.py scores), the adapters taking turns row by row, and prints each adapter's
+score on its task (accuracy; generation: BLEU against all references of its inputs).
+input= reads JSON Lines, {"adapter": NAME, "<column>": text, ...} ("task": <data name> on a __base__ row
+when several tasks are served), or adapter<TAB>text lines for one-column templates.
+Output: one JSON line per row (adapter, task, input, and class and scores, or output).
 """
 
 from __future__ import annotations
@@ -19,49 +22,35 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from feta.cli import cli, run_main
-from feta.data import TaskDataModule
+from feta.data import TaskKind
 from feta.metrics import generation_metrics
 from feta.schema import ServeConfig
-from feta.serving import BASE, AdapterServer, read_rows
+from feta.serving import AdapterServer, adapter_tasks, read_requests, resolve_adapters, validation_requests
 
 
 def serve(cfg: DictConfig) -> list[dict]:
     settings: ServeConfig = OmegaConf.to_object(cfg)
-    server = AdapterServer.from_runs(dict(settings.adapters))
-    task, truth = server.task, None
-    if settings.val_limit is not None:
-        # The validation subset evaluate.py and training score (generation: one row per distinct input,
-        # scored against all of its references).
-        dm = TaskDataModule(task.spec.with_validation(settings.val_limit, settings.val_seed), server.tokenizer)
-        dm.setup()
-        rows = dm.splits["validation"]
-        rotation = server.adapters + ([BASE] if settings.base else [])
-        texts = [{c: ex[c] for c in task.spec.prompt_fields} for ex in rows]
-        names = [rotation[i % len(rotation)] for i in range(len(rows))]
-        truth = dm.references if server.generates else [task.label(ex) for ex in rows]
-    else:
-        names, texts = read_rows(settings.input)
-    out = []
-    for i in range(0, len(texts), settings.batch_size):
-        batch, batch_names = texts[i: i + settings.batch_size], names[i: i + settings.batch_size]
-        if server.generates:
-            recs = [{"output": o} for o in server.generate(batch, batch_names)]
-        else:
-            recs = [{"class": task.classes[max(range(len(row)), key=row.__getitem__)], "scores": row}
-                    for row in server.classify(batch, batch_names).tolist()]
-        for j, rec in enumerate(recs):
-            rec = {"adapter": batch_names[j], "input": batch[j], **rec}
-            out.append(rec)
-            print(json.dumps(rec))
+    resolved = resolve_adapters(dict(settings.adapters))
+    # Rows are read and checked before the model loads: a bad row costs no load.
+    requests = None if settings.input is None else read_requests(settings.input, adapter_tasks(resolved))
+    server = AdapterServer.load(resolved)
+    truth = None
+    if requests is None:
+        requests, truth = validation_requests(server, settings.val_limit, settings.val_seed, settings.base)
+    out = server.serve(requests, settings.batch_size)
+    for rec in out:
+        print(json.dumps(rec))
     if truth is not None:
-        for name in dict.fromkeys(names):
-            mine = [(r, t) for r, t in zip(out, truth) if r["adapter"] == name]
-            if server.generates:
+        for adapter, task in dict.fromkeys((r["adapter"], r["task"]) for r in out):
+            mine = [(r, t) for r, t in zip(out, truth) if (r["adapter"], r["task"]) == (adapter, task)]
+            if server.tasks[task].kind is TaskKind.generation:
                 bleu = generation_metrics([r["output"] for r, _ in mine], [t for _, t in mine])["bleu"]
-                print(f"# {name}: BLEU {bleu:.1f} on {len(mine)} inputs", file=sys.stderr)
+                print(f"# {adapter} on {task}: BLEU {bleu:.1f} on {len(mine)} inputs", file=sys.stderr)
             else:
-                hits = [task.classes.index(r["class"]) == t for r, t in mine]
-                print(f"# {name}: accuracy {sum(hits) / len(hits):.3f} on {len(hits)} inputs", file=sys.stderr)
+                classes = server.tasks[task].classes
+                hits = [classes.index(r["class"]) == t for r, t in mine]
+                print(f"# {adapter} on {task}: accuracy {sum(hits) / len(hits):.3f} on {len(hits)} inputs",
+                      file=sys.stderr)
     return out
 
 

@@ -168,7 +168,21 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     `attention_mask` marks real tokens (1); rows may be left- or right-padded. Runs in eval mode.
     `forward_kwargs` go to every forward, e.g. PEFT's `adapter_names` (one LoRA per row).
     """
-    return _decode(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+    check_positive("data.max_new_tokens", max_new_tokens)
+    limits = torch.full((input_ids.size(0),), max_new_tokens, device=input_ids.device)
+    return _decode(model, input_ids, attention_mask, limits, eos_token_id, pad_token_id,
+                   lambda logits: logits.argmax(-1), forward_kwargs)[1]
+
+
+def prefill_then_greedy(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        new_tokens: list[int], eos_token_id: int | None, pad_token_id: int, **forward_kwargs: Any
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prefill over every row, then greedy decoding of the rows that continue: ((B, V) next-token logits
+    after each prompt, (B, max(new_tokens)) greedy tokens, each row padded after its own `new_tokens[i]`).
+    A row with `new_tokens[i] == 0` is read from the prefill alone (a classification row of a mixed-task
+    batch) and leaves the batch before the first decode step, so it costs no step."""
+    limits = torch.tensor(new_tokens, device=input_ids.device)
+    return _decode(model, input_ids, attention_mask, limits, eos_token_id, pad_token_id,
                    lambda logits: logits.argmax(-1), forward_kwargs)
 
 
@@ -182,39 +196,57 @@ def sample_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     def draw(logits: torch.Tensor) -> torch.Tensor:
         return torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
 
-    return _decode(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, draw, {})
-
-
-def _decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-            eos_token_id: int | None, pad_token_id: int, pick, forward_kwargs: dict[str, Any]) -> torch.Tensor:
     check_positive("data.max_new_tokens", max_new_tokens)
+    limits = torch.full((input_ids.size(0),), max_new_tokens, device=input_ids.device)
+    return _decode(model, input_ids, attention_mask, limits, eos_token_id, pad_token_id, draw, {})[1]
+
+
+def _decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, limits: torch.Tensor,
+            eos_token_id: int | None, pad_token_id: int, pick, forward_kwargs: dict[str, Any]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the prefill's (B, V) logits, (B, max(limits)) tokens): row i decodes at most `limits[i]` tokens."""
+    if bool((limits < 0).any()):
+        raise ValueError(f"a row's token budget is negative: {limits.tolist()}")
+    max_new_tokens = int(limits.max())
     ids, mask = left_align(input_ids, attention_mask)
     lengths = mask.sum(1)
     if bool((lengths == 0).any()):
         raise ValueError("a prompt has no tokens; decoding needs at least one to condition on")
     check_room(model, ids.size(1), max_new_tokens)
     lm = CachedLM(model, **forward_kwargs)
-    batch = ids.size(0)
-    out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=ids.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    out = torch.full((ids.size(0), max_new_tokens), pad_token_id, dtype=torch.long, device=ids.device)
     with _eval_mode(model), torch.inference_mode():
-        logits, cache = lm.prefill(ids, mask)
+        first, cache = lm.prefill(ids, mask)
+        if max_new_tokens == 0:
+            return first, out
+        rows = torch.arange(ids.size(0), device=ids.device)
+        logits = first
+        if bool((limits == 0).any()):  # rows read from the prefill alone leave the batch here
+            rows = rows[limits > 0]
+            cache.batch_select_indices(rows)
+            mask, lengths, logits, limits = mask[rows], lengths[rows], first[rows], limits[rows]
+            lm.forward_kwargs = {k: [v[i] for i in rows.tolist()] if k == "adapter_names" else v
+                                 for k, v in forward_kwargs.items()}
+        batch = rows.numel()
+        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         # The cache holds [virtual tokens | padding + prompt]; every new token is a real one.
         full_mask = torch.cat([mask.new_ones(batch, lm.virtual), mask], dim=1)
         next_pos = (lengths + lm.virtual).unsqueeze(1)  # virtual tokens take positions 0..m-1
         for t in range(max_new_tokens):
             token = pick(logits).masked_fill(done, pad_token_id)
-            out[:, t] = token
+            out[rows, t] = token
             if eos_token_id is not None:
                 done |= token == eos_token_id
+            done |= limits <= t + 1  # a row's own budget is spent
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             full_mask = torch.cat([full_mask, mask.new_ones(batch, 1)], dim=1)
             logits = lm.step(token.unsqueeze(1), cache, full_mask, next_pos + t)
-    return out
+    return first, out
 
 
-def _continuation(tokenizer, ids: list[int], eos_token_id: int | None) -> str:
+def continuation_text(tokenizer, ids: list[int], eos_token_id: int | None) -> str:
+    """The text of generated ids up to the first EOS, padding and special tokens dropped, spaces stripped."""
     if eos_token_id is not None and eos_token_id in ids:
         ids = ids[: ids.index(eos_token_id)]
     # Generated text follows the prompt, so it usually starts with the space separating it from it.
@@ -265,4 +297,4 @@ def decode_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     rows = decode_ids(model, encoded, max_new_tokens, eos, pad, batch_size, adapter_names)
-    return [_continuation(tokenizer, row, eos) for row in rows]
+    return [continuation_text(tokenizer, row, eos) for row in rows]

@@ -263,10 +263,10 @@ class ServeConfig(ValidationSubset):
     """Schema of `conf/serve.yaml`."""
 
     adapters: dict[str, str] = field(default_factory=dict, metadata={"help": "name -> run or compiled dir."})
-    input: str | None = field(default=None, metadata={"help": "TSV of adapter<TAB>text lines; '-' = stdin."})
+    input: str | None = field(default=None, metadata={"help": "JSON Lines or adapter<TAB>text lines; '-' = stdin."})
     val: int | None = field(default=None, metadata={"help": "Alias of val_limit (warns)."})
     batch_size: int = field(default=32, metadata={"help": "Rows per forward pass."})
-    base: bool = field(default=True, metadata={"help": "With val_limit: the base model takes turns too."})
+    base: bool = field(default=True, metadata={"help": "With val_limit: the base model takes turns too, on every task."})
 
     def __post_init__(self) -> None:
         if not self.adapters:

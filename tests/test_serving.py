@@ -1,5 +1,5 @@
-"""Serving many adapters: a mixed batch (LoRA runs + compiled prefix + base) in one forward pass; a
-generation task's rows decoded together, each through its own adapter."""
+"""Serving many adapters of one task: a mixed batch (LoRA runs + compiled prefix + base) in one forward pass;
+a generation task's rows decoded together, each through its own adapter."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import serve
 from compile import compile_prefix
 from feta import runs
 from feta.adapters import load_adapter
-from feta.data import DataSpec, read_splits
+from feta.data import DataSpec, encode_prompts, read_splits
 from feta.decoding import decode_texts
 from feta.models import load_base_model
 from feta.scoring import class_log_probs
-from feta.serving import BASE, AdapterServer
+from feta.serving import BASE, AdapterServer, Request
 from tests.conftest import compose_cfg, tiny_train_cfg
 from train import train
 
@@ -47,13 +47,16 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(runs_dir):
     assert server.adapters == list(adapters)
     sentences = [ex["sentence"] for ex in read_splits(DataSpec(), ["sentence"])["validation"][:16]]
     names = [(list(adapters) + [BASE])[i % 4] for i in range(16)]
-    mixed = server.classify(sentences, names)
-    enc = server.encode(sentences)
+    mixed = server.serve([server.request(n, {"sentence": s}) for n, s in zip(names, sentences)])
+    assert [r["adapter"] for r in mixed] == names and {r["task"] for r in mixed} == {"sst2"}
+    scores = torch.tensor([r["scores"] for r in mixed])
+    task = server.tasks["sst2"]
+    enc = encode_prompts(server.tokenizer, [task.prompt({"sentence": s}) for s in sentences], task.spec.max_length)
 
     base_spec = runs.run_specs(runs.load_run_config(runs_dir / "lora"))[0]
     with torch.no_grad():
         base, _ = load_base_model(base_spec)
-        base_logits = class_log_probs(base, enc["input_ids"], enc["attention_mask"], server.task.verbalizer_ids)
+        base_logits = class_log_probs(base, enc["input_ids"], enc["attention_mask"], task.verbalizer_ids)
         for name in [*adapters, BASE]:
             rows = [i for i, n in enumerate(names) if n == name]
             if name == BASE:
@@ -61,13 +64,14 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(runs_dir):
             else:  # a fresh base model with only this adapter, loaded the plain PEFT way
                 fresh, _ = load_base_model(base_spec)
                 model = load_adapter(fresh, adapters[name] / runs.ADAPTER).eval()
-                alone = class_log_probs(model, enc["input_ids"], enc["attention_mask"], server.task.verbalizer_ids)
+                alone = class_log_probs(model, enc["input_ids"], enc["attention_mask"], task.verbalizer_ids)
                 # the adapter matters on these rows, far beyond the tolerance below
                 assert (alone[rows] - base_logits[rows]).abs().max() > 1e-3, name
-            torch.testing.assert_close(mixed[rows], alone[rows], rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(scores[rows], alone[rows], rtol=1e-5, atol=1e-5, msg=name)
 
     # The one-adapter-at-a-time baseline (each group padded on its own) agrees too.
-    torch.testing.assert_close(server.classify_sequential(sentences, names), mixed, rtol=1e-5, atol=1e-5)
+    sequential = server.serve_sequential([server.request(n, {"sentence": s}) for n, s in zip(names, sentences)])
+    torch.testing.assert_close(torch.tensor([r["scores"] for r in sequential]), scores, rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_run_is_refused_with_the_compile_command(runs_dir):
@@ -77,20 +81,29 @@ def test_prefix_run_is_refused_with_the_compile_command(runs_dir):
 
 def test_bad_rows_are_named(runs_dir):
     server = AdapterServer.from_runs({"lora": runs_dir / "lora"})
-    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]; use one of __base__, lora"):
-        server.classify(["fine"], ["nope"])
-    with pytest.raises(ValueError, match="2 rows but 1 adapter names"):
-        server.classify(["a", "b"], ["lora"])
+    with pytest.raises(ValueError, match=r"names unknown adapter 'nope'; use one of __base__, lora"):
+        server.request("nope", {"sentence": "fine"})
+    with pytest.raises(ValueError, match=r"lacks column 'sentence'"):
+        server.serve([Request("lora", "sst2", {"text": "fine"})])
 
 
 def test_serve_command(runs_dir, capsys):
     adapters = _adapters(runs_dir)
-    cfg = compose_cfg("serve", [f"+adapters.{n}={p}" for n, p in adapters.items()] + ["val_limit=12", "batch_size=8"])
+    cfg = compose_cfg("serve", [f"+adapters.{n}={p}" for n, p in adapters.items()] + ["val_limit=3", "batch_size=8"])
     out = serve.serve(cfg)
-    assert [r["adapter"] for r in out] == (list(adapters) + [BASE]) * 3
+    assert [r["adapter"] for r in out] == (list(adapters) + [BASE]) * 3  # 3 inputs each, taking turns
     assert all(r["class"] in ("0", "1") and len(r["scores"]) == 2 for r in out)
     err = capsys.readouterr().err
-    assert all(f"# {n}: accuracy" in err for n in [*adapters, BASE])
+    assert all(f"# {n} on sst2: accuracy" in err for n in [*adapters, BASE])
+
+
+def test_tsv_rows_serve_a_one_column_template(runs_dir, tmp_path, capsys):
+    path = tmp_path / "rows.tsv"
+    path.write_text("lora\ta gem of a film\n__base__\ta mess\n")
+    cfg = compose_cfg("serve", [f"+adapters.lora={runs_dir / 'lora'}", f"input={path}"])
+    out = serve.serve(cfg)
+    assert [(r["adapter"], r["input"]) for r in out] == [("lora", {"sentence": "a gem of a film"}),
+                                                        (BASE, {"sentence": "a mess"})]
 
 
 # ------------------------------------------------------------------ a generation task: rows decode together
@@ -112,13 +125,12 @@ def e2e_runs(tmp_path_factory):
 
 def test_generation_rows_of_a_mixed_batch_equal_each_adapter_alone(e2e_runs):
     server = AdapterServer.from_runs(e2e_runs)
-    assert server.generates
-    task = server.task
+    task = server.tasks["e2e"]
     rows = task.unique_inputs(read_splits(task.spec, task.columns, task.allowed)["validation"])[:9]
-    texts = [{"mr": ex["mr"]} for ex in rows]
     names = [["a", "b", BASE][i % 3] for i in range(9)]
-    mixed = server.generate(texts, names)
-    assert mixed == server.generate_sequential(texts, names)
+    requests = [server.request(n, {"mr": ex["mr"]}) for n, ex in zip(names, rows)]
+    mixed = [r["output"] for r in server.serve(requests)]
+    assert mixed == [r["output"] for r in server.serve_sequential(requests)]
     spec = task.spec
     prompts = [task.prompt(ex) for ex in rows]
     base_spec = runs.run_specs(runs.load_run_config(e2e_runs["a"]))[0]
@@ -138,9 +150,9 @@ def test_generation_rows_of_a_mixed_batch_equal_each_adapter_alone(e2e_runs):
 
 
 def test_serve_command_generates_and_scores_bleu(e2e_runs, capsys):
-    cfg = compose_cfg("serve", [f"+adapters.{n}={p}" for n, p in e2e_runs.items()] + ["val_limit=6", "batch_size=4"])
+    cfg = compose_cfg("serve", [f"+adapters.{n}={p}" for n, p in e2e_runs.items()] + ["val_limit=2", "batch_size=4"])
     out = serve.serve(cfg)
     assert [r["adapter"] for r in out] == ["a", "b", BASE] * 2
     assert all(isinstance(r["output"], str) and r["input"]["mr"].startswith("name[") for r in out)
     err = capsys.readouterr().err
-    assert all(f"# {n}: BLEU" in err for n in ["a", "b", BASE])
+    assert all(f"# {n} on e2e: BLEU" in err for n in ["a", "b", BASE])

@@ -12,24 +12,11 @@ from omegaconf import open_dict
 from compile import compile_prefix
 from evaluate import evaluate
 from tests.conftest import compose_cfg, tiny_train_cfg
+from tests.helpers.data import mood_csv
 from train import train
 
 FAST_LATENCY = ["latency.repeats=1", "latency.batches=[1]", "latency.decode_tokens=2", "latency.min_run_time=0.01",
                 "latency.prompt_len=8"]
-WORDS = {"neg": "awful dull boring bad", "neu": "plain average fine ordinary", "pos": "great superb lovely good"}
-
-
-def _csv(path: Path, n: int, offset: int = 0) -> Path:
-    """A 3-class CSV with a header, quoted texts and named labels, as a user would bring."""
-    rows = ["text,label"]
-    for i in range(n):
-        label = list(WORDS)[(i + offset) % 3]
-        words = WORDS[label].split()
-        rows.append(f'"a {words[i % 4]}, {words[(i + 1) % 4]} film",{label}')
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def _run(root: Path, name: str, *overrides: str) -> Path:
     cfg = tiny_train_cfg(root, *overrides)
     with open_dict(cfg):
@@ -50,8 +37,8 @@ def _prefix_compiled(root: Path, data: list[str], model: str, steps: int, calib_
 @pytest.fixture(scope="module")
 def csv_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("csv")
-    data = ["data=csv", f"data.train_file={_csv(root / 'train.csv', 96)}",
-            f"data.validation_file={_csv(root / 'val.csv', 30, offset=1)}", "data.prompt='Review: {text}\nMood:'",
+    data = ["data=csv", f"data.train_file={mood_csv(root / 'train.csv', 96)}",
+            f"data.validation_file={mood_csv(root / 'val.csv', 30, offset=1)}", "data.prompt='Review: {text}\nMood:'",
             "data.classes=[neg,neu,pos]", "data.verbalizers=[' negative',' neutral',' very positive']",
             "data.val_limit=null", "data.train_limit=null"]
     _run(root, "1", *data, "adapter=lora", "adapter.lr=0.05", "trainer.max_steps=8")
