@@ -27,14 +27,14 @@ from feta.adapters import build_adapter, run_name, trainable_parameters
 from feta.callbacks import StopOnNonFinite
 from feta.checkpoints import AtomicCheckpointIO
 from feta.cli import cli, run_main, task_wrapper
-from feta.data import TaskDataModule, TaskKind
+from feta.data import MixDataModule, MixSpec, TaskDataModule, TaskKind
 from feta.devices import job_devices
 from feta.errors import UserError, first_line
 from feta.metrics import DIRECTION, TRAIN_METRICS
 from feta.models import load_base_model
 from feta.schema import to_spec
 from feta.tracking import artifact_name, log_artifact, make_logger, output_dir, sweep_group
-from feta.training import ClassifierModule, GeneratorModule
+from feta.training import ClassifierModule, GeneratorModule, MixtureModule
 
 log = logging.getLogger("feta")
 
@@ -75,12 +75,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     peft_model = build_adapter(base, tokenizer, adapter_spec, model_spec.arch, model_spec.name, data_spec.max_length)
     n_trainable = trainable_parameters(peft_model)
     log.info(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in peft_model.parameters()):,}")
-    datamodule = TaskDataModule(data_spec, tokenizer, seed=cfg.seed)
+    mixture = isinstance(data_spec, MixSpec)
+    datamodule = (MixDataModule if mixture else TaskDataModule)(data_spec, tokenizer, seed=cfg.seed)
     datamodule.setup()  # reads and checks the data files before any training
-    recorded = TRAIN_METRICS[datamodule.task.kind.value]
+    kind = "mixture" if mixture else datamodule.task.kind.value
+    recorded = TRAIN_METRICS[kind]
     if cfg.optimized_metric is not None and cfg.optimized_metric not in recorded:
-        raise UserError(f"optimized_metric={cfg.optimized_metric}", f"is not recorded by a "
-                        f"{datamodule.task.kind.value} run", f"use one of {', '.join(recorded)}")
+        raise UserError(f"optimized_metric={cfg.optimized_metric}", f"is not recorded by a {kind} run",
+                        f"use one of {', '.join(recorded)}")
     extra_callbacks = [instantiate_callback(name, c) for name, c in (cfg.get("callbacks") or {}).items()]
     # Every setting and file is checked: from here this process is the run directory's only writer, and
     # what another writer may have left meanwhile is looked at again under the lock.
@@ -91,17 +93,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                    datamodule, extra_callbacks, started_at)
 
 
-def fit(cfg: DictConfig, run_dir, specs: tuple, peft_model, n_trainable: int, tokenizer, datamodule: TaskDataModule,
+def fit(cfg: DictConfig, run_dir, specs: tuple, peft_model, n_trainable: int, tokenizer,
+        datamodule: TaskDataModule | MixDataModule,
         extra_callbacks: list[L.Callback], started_at: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train (or resume) the checked run in `run_dir` and write its adapter and metrics.json; `specs` are
     the run's (model, data, adapter) specs."""
     model_spec, data_spec, adapter_spec = specs
-    task = datamodule.task
     optim = dict(lr=adapter_spec.lr, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
-    if task.kind is TaskKind.classification:
-        module = ClassifierModule(peft_model, task.verbalizer_ids, **optim)
+    if isinstance(datamodule, MixDataModule):
+        module = MixtureModule(peft_model, {name: getattr(task, "verbalizer_ids", None)
+                                            for name, task in datamodule.tasks.items()}, **optim)
+        task_record = {"task": "mixture", "main_metric": "val_task_mean", "tasks": datamodule.names,
+                       "val_size": sum(datamodule.val_sizes.values()), "val_sizes": datamodule.val_sizes}
     else:
-        module = GeneratorModule(peft_model, **optim)
+        task = datamodule.task
+        if task.kind is TaskKind.classification:
+            module = ClassifierModule(peft_model, task.verbalizer_ids, **optim)
+        else:
+            module = GeneratorModule(peft_model, **optim)
+        task_record = {"task": task.kind.value,
+                       "main_metric": task.train_metric,  # higher is better (BLEU needs decoding: evaluate.py)
+                       "val_size": len(datamodule.splits["validation"])}
 
     name = run_name(adapter_spec)
     group = sweep_group(cfg, run_dir)
@@ -137,10 +149,8 @@ def fit(cfg: DictConfig, run_dir, specs: tuple, peft_model, n_trainable: int, to
 
     scores = {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics = {
-        **scores,  # val_acc and val_macro_f1 (classification), val_loss, val_token_acc (generation)
-        "task": task.kind.value,
-        "main_metric": task.train_metric,  # higher is better (BLEU needs decoding: evaluate.py)
-        "val_size": len(datamodule.splits["validation"]),
+        **scores,  # val_acc and val_macro_f1 (classification), val_loss, val_token_acc (generation), per task
+        **task_record,
         "global_step": trainer.global_step,
         "resumed_from_step": module.start_step,
         "epochs": trainer.current_epoch,

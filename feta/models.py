@@ -22,10 +22,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
+from feta.configs import group_option
 from feta.errors import UserError, check_choice, check_path, first_line
 
 TOKENIZERS = Path(__file__).parent / "assets" / "tokenizers"
-CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's Hydra configs
 # Written last into a dequantized GGUF copy: which GGUF file it was made from.
 DEQUANTIZED_FROM = "dequantized_from.json"
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
@@ -183,12 +183,7 @@ def dequantize_gguf(spec: ModelSpec) -> Path:
 def named_model(name: str) -> ModelSpec:
     """The ModelSpec of `conf/model/<name>.yaml`, for code that runs without Hydra (tests, benchmarks):
     one definition of each tiny test model."""
-    path = CONF / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"model={name}", "no such model config", f"add {path}")
-    node = OmegaConf.to_container(OmegaConf.load(path))
-    node.pop("defaults", None)
-    return ModelSpec(**node)
+    return ModelSpec(**group_option("model", name, f"model={name}"))
 
 
 def _tokenizer_path(spec: ModelSpec) -> str:

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from feta.adapters import SPECS, load_adapter
-from feta.data import DataSpec
+from feta.data import DataSpec, MixSpec
 from feta.errors import UserError, check_path
 from feta.models import ModelSpec, load_base_model
 from feta.schema import TrainConfig, to_spec
@@ -79,7 +79,8 @@ def run_specs(cfg: DictConfig):
     kind = cfg.adapter.get("kind")
     if kind not in SPECS:
         raise UserError(f"adapter.kind={kind!r}", "unknown in the run's config.yaml", f"known: {', '.join(SPECS)}")
-    return to_spec(cfg, "model", ModelSpec), to_spec(cfg, "data", DataSpec), to_spec(cfg, "adapter", SPECS[kind])
+    data_cls = MixSpec if "tasks" in cfg.data else DataSpec
+    return to_spec(cfg, "model", ModelSpec), to_spec(cfg, "data", data_cls), to_spec(cfg, "adapter", SPECS[kind])
 
 
 @dataclass
@@ -122,7 +123,17 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
         raise UserError(str(run_dir / METRICS), "is incomplete (a key is missing)",
                         f"delete it and rerun train.py with output_dir={run_dir} skip_finished=false")
     adapter_dir(run_dir)
-    return ResolvedRun(run_dir, cfg.adapter.kind, read_json(run_dir / METRICS)["name"], cfg, read_json(run_dir / METRICS))
+    check_single_task(run_dir, cfg)
+    record = read_json(run_dir / METRICS)
+    return ResolvedRun(run_dir, cfg.adapter.kind, record["name"], cfg, record)
+
+
+def check_single_task(run_dir: str | Path, cfg: DictConfig) -> None:
+    """Refuse a run trained on a task mixture (data=mix) where one task's run is read."""
+    if "tasks" in cfg.data:
+        raise UserError(f"ckpt={run_dir}", f"was trained on a task mixture ({', '.join(cfg.data.tasks)}); "
+                        "evaluate.py, compile.py and serve.py read single-task runs",
+                        f"its per-task validation scores are in its {METRICS} (val_<task>_*)")
 
 
 def adapted_model(run: ResolvedRun, source: bool = False):

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric, MetricCollection
 from transformers import get_scheduler
 
 from feta.metrics import classification_metrics
@@ -29,6 +30,13 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state[RNG_KEY])
     if CUDA_RNG_KEY in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state[CUDA_RNG_KEY])
+
+
+def target_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, top-1 accuracy) of a generation batch's target tokens."""
+    logits = scored_logits(model, batch)  # (n_target_tokens, V)
+    labels = batch["labels"][batch["scored"]]
+    return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
 
 
 class AdapterModule(L.LightningModule):
@@ -131,9 +139,7 @@ class GeneratorModule(AdapterModule):
         self.save_hyperparameters(ignore=["model"])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = scored_logits(self.model, batch)  # (n_target_tokens, V)
-        labels = batch["labels"][batch["scored"]]
-        return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
+        return target_loss(self.model, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss(batch)
@@ -145,3 +151,58 @@ class GeneratorModule(AdapterModule):
         n = int(batch["scored"].sum())
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("val/token_acc", token_acc, batch_size=n, sync_dist=True)
+
+
+class MixtureModule(AdapterModule):
+    """Several tasks (data=mix): each batch is one task's (`batch["task"]`) and is scored as that task alone
+    would score it; validation loader i is task i's split. Logs val/<task>/acc and macro_f1
+    (classification) or token_acc (generation), val/<task>/loss, and val/task_mean, the mean of the tasks'
+    main metrics."""
+
+    def __init__(self, model: torch.nn.Module, tasks: dict[str, list[list[int]] | None], lr: float,
+                 weight_decay: float = 0.0, lr_schedule: str = "constant", warmup_steps: int = 0) -> None:
+        """`tasks`: name -> its classes' verbalizer ids (classification) or None (generation), in loader order."""
+        super().__init__(model, lr, weight_decay, lr_schedule, warmup_steps)
+        self.save_hyperparameters(ignore=["model"])
+        self.names = list(tasks)
+        self.val_metrics = torch.nn.ModuleDict({
+            name: classification_metrics(len(ids)) if ids is not None else MetricCollection({"token_acc": MeanMetric()})
+            for name, ids in tasks.items()})
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(loss, class scores (B, K) or target-token accuracy, examples or target tokens) of one task's batch."""
+        ids = self.hparams.tasks[self.names[batch["task"]]]
+        if ids is None:
+            loss, token_acc = target_loss(self.model, batch)
+            return loss, token_acc, int(batch["scored"].sum())
+        scores = class_log_probs(self.model, batch["input_ids"], batch["attention_mask"], ids)
+        return F.cross_entropy(scores, batch["labels"]), scores, batch["labels"].numel()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, _, n = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = self.names[dataloader_idx]
+        loss, out, n = self.loss({**batch, "task": dataloader_idx})
+        self.log(f"val/{name}/loss", loss, batch_size=n, sync_dist=True, add_dataloader_idx=False)
+        if self.hparams.tasks[name] is None:
+            self.val_metrics[name]["token_acc"].update(out, weight=n)
+        else:
+            self.val_metrics[name].update(out.argmax(-1), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        main = []
+        for name in self.names:
+            values = self.val_metrics[name].compute()
+            if self.hparams.tasks[name] is None:
+                self.log(f"val/{name}/token_acc", values["token_acc"], sync_dist=True)
+                main.append(values["token_acc"])
+            else:
+                self.log(f"val/{name}/acc", values["val_acc"], sync_dist=True)
+                self.log(f"val/{name}/macro_f1", values["macro_f1"], sync_dist=True)
+                main.append(values["val_acc"])
+            self.val_metrics[name].reset()
+        self.log("val/task_mean", torch.stack(main).mean(), prog_bar=True, sync_dist=True)

@@ -33,7 +33,7 @@ def seeded_subset(examples: list, n: int | None, seed: int, key: str | None = No
     return [examples[i] for i in torch.randperm(len(examples), generator=g)[:n].tolist()]
 
 
-class _Resumable:
+class Resumable:
     """A shuffling sampler's place, two ints (epoch, position), which a `StatefulDataLoader` checkpoints:
     a resumed run sees the rest of the interrupted epoch and then the same later epochs. Lightning calls
     `set_epoch` at each epoch's start; `order` is that epoch's full order."""
@@ -68,7 +68,7 @@ class _Resumable:
         self._resume_at = (state["epoch"], state["position"])
 
 
-class ResumableShuffle(_Resumable, RandomSampler):
+class ResumableShuffle(Resumable, RandomSampler):
     """The order a `DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))` of
     `batch_size` gives Lightning, epoch after epoch, resumable."""
 
@@ -91,7 +91,7 @@ class ResumableShuffle(_Resumable, RandomSampler):
         return torch.randperm(n, generator=g).tolist()
 
 
-class ResumableDistributedShuffle(_Resumable, DistributedSampler):
+class ResumableDistributedShuffle(Resumable, DistributedSampler):
     """This process's share of the order Lightning's DistributedSampler draws (seeded by `seed`, the
     permutation of `seed + epoch`), resumable. Lightning leaves a DistributedSampler in place; the one
     it would put in place keeps no position, and a run resumed from an epoch's last step would train
