@@ -15,9 +15,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from feta.kinds import KINDS
+from feta.report.multitask import has_mixture, write_multitask
 from feta.storage import CONFIG, METRICS, is_finished, read_json, run_dirs
 
 log = logging.getLogger("feta")
+MULTITASK = "multitask.md"
 
 
 def sweep_table(sweep_dir: Path) -> pd.DataFrame:
@@ -32,7 +34,9 @@ def sweep_table(sweep_dir: Path) -> pd.DataFrame:
         main = metrics["main_metric"]
         value = metrics[main]
         shown = f"{100 * value:.1f}%" if main.endswith("acc") else f"{value:.4f}"
-        rows.append({"job": job, "adapter": metrics["name"], "score": f"{main} {shown}", "kind": metrics["adapter"]})
+        # A mixture's adapter compiles on no single task's data, so it is no next step's source.
+        kind = None if metrics["task"] == "mixture" else metrics["adapter"]
+        rows.append({"job": job, "adapter": metrics["name"], "score": f"{main} {shown}", "kind": kind})
     return pd.DataFrame(rows, columns=["job", "adapter", "score", "kind"])
 
 
@@ -54,5 +58,9 @@ class SweepSummary(Callback):
         table = sweep_table(sweep_dir)
         if table.empty:
             return
-        print(f"\n{sweep_dir}\n{table.drop(columns='kind').to_markdown(index=False)}\n\nnext: "
-              f"{next_command(sweep_dir, table)}", flush=True)
+        print(f"\n{sweep_dir}\n{table.drop(columns='kind').to_markdown(index=False)}", flush=True)
+        jobs = run_dirs(sweep_dir, (CONFIG,))
+        if has_mixture(jobs):  # a multi-task sweep: each task's score per configuration
+            write_multitask(jobs, sweep_dir / MULTITASK)
+            print(f"\n{(sweep_dir / MULTITASK).read_text()}", flush=True)
+        print(f"\nnext: {next_command(sweep_dir, table)}", flush=True)

@@ -4,12 +4,14 @@ task validated on its own split, and a resumed run equal to an uninterrupted one
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
 import evaluate
@@ -21,7 +23,9 @@ from feta.data import MixSpec, TaskDataModule, encode_prompts
 from feta.data.mix import MixtureBatches
 from feta.errors import UserError
 from feta.models import load_base_model
+from feta.report.multitask import write_multitask
 from feta.scoring import class_log_probs
+from feta.sweep import SweepSummary
 from tests.conftest import compose_cfg, tiny_train_cfg
 from tests.helpers.callbacks import recorded_batches
 from train import train
@@ -172,3 +176,37 @@ def test_single_task_commands_refuse_a_mixture_run(mixed_run):
         with pytest.raises(UserError, match=r"was trained on a task mixture \(sst2, snli, e2e\); evaluate.py, "
                                             r"compile.py and serve.py read single-task runs"):
             entry(cfg)
+
+
+def test_multitask_table_puts_each_tasks_score_per_configuration(mixed_run, tmp_path):
+    """The shared LoRA's row holds its per-task scores; the per-task row holds each single-task run's score,
+    its trainable parameters summed over the tasks."""
+    single = {t: _train(tmp_path, t, f"data={t}", "data.train_limit=16", "data.val_limit=8", "adapter=lora",
+                        "trainer.max_steps=2") for t in ("sst2", "snli")}
+    shared = json.loads((mixed_run / "run" / runs.METRICS).read_text())
+    table = write_multitask([mixed_run / "run", tmp_path / "sst2", tmp_path / "snli"], tmp_path / "multitask.md")
+    rows = {r["configuration"]: r for r in table.to_dict("records")}
+    name = shared["name"]
+    assert set(rows) == {f"{name}, shared", f"{name}, per task"}
+    assert rows[f"{name}, shared"]["snli"] == pytest.approx(100 * shared["val_snli_acc"])
+    assert rows[f"{name}, shared"]["e2e"] == pytest.approx(100 * shared["val_e2e_token_acc"])
+    per_task = rows[f"{name}, per task"]
+    assert per_task["sst2"] == pytest.approx(100 * single["sst2"]["val_acc"]) and pd.isna(per_task["e2e"])
+    assert per_task["trainable params"] == single["sst2"]["trainable_params"] + single["snli"]["trainable_params"]
+    assert rows[f"{name}, shared"]["mean"] == pytest.approx(100 * shared["val_task_mean"], abs=1e-4)
+    text = (tmp_path / "multitask.md").read_text()
+    assert f"| {name}, shared" in text and f"{100 * shared['val_snli_acc']:.1f}" in text
+
+
+def test_a_sweep_with_a_mixture_ends_with_the_multitask_table(mixed_run, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    shutil.copytree(mixed_run / "run", sweep / "0")
+    prefix = _train(tmp_path, "p", "data.train_limit=16", "data.val_limit=8", "adapter.init=random", "adapter.m=4",
+                    "trainer.max_steps=2")
+    shutil.copytree(tmp_path / "p", sweep / "1")
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    out = capsys.readouterr().out
+    assert (sweep / "multitask.md").is_file() and "shared" in out and "per task" in out
+    assert f"next: python compile.py ckpt={sweep / '1'}" in out  # the single-task prefix, not the mixture
+    assert prefix["data"] == "sst2"
