@@ -110,6 +110,7 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
                             "feta runs only", f"read its {COMPILE} (next_token) instead")
         source = Path(record["source_run"])
         cfg = load_run_config(source)
+        check_single_task(run_dir, cfg)
         check_adapter(run_dir / ADAPTER, f"compile.py ckpt={source} overwrite=true")
         source_kind = "" if cfg.adapter.kind == "prefix" else f"{cfg.adapter.kind}-"
         name = (f"compiled-{source_kind}m{cfg.adapter.m}-r{record['rank']}"
@@ -129,11 +130,11 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
 
 
 def check_single_task(run_dir: str | Path, cfg: DictConfig) -> None:
-    """Refuse a run trained on a task mixture (data=mix) where one task's run is read."""
+    """Refuse a run trained on a task mixture (data=mix), or compiled from one, where one task's run is read."""
     if "tasks" in cfg.data:
-        raise UserError(f"ckpt={run_dir}", f"was trained on a task mixture ({', '.join(cfg.data.tasks)}); "
-                        "evaluate.py, compile.py and serve.py read single-task runs",
-                        f"its per-task validation scores are in its {METRICS} (val_<task>_*)")
+        raise UserError(f"ckpt={run_dir}", f"comes from a task mixture ({', '.join(cfg.data.tasks)}); evaluate.py "
+                        "and serve.py read single-task runs", f"read the per-task validation scores in its run's "
+                        f"{METRICS} (val_<task>_*), and a compiled mixture's next-token agreement in its {COMPILE}")
 
 
 def adapted_model(run: ResolvedRun, source: bool = False):

@@ -168,14 +168,33 @@ def test_a_mixture_of_a_users_yaml_task(tmp_path):
 
 
 def test_single_task_commands_refuse_a_mixture_run(mixed_run):
-    for command in ("evaluate", "compile", "serve"):
+    for command, entry in (("evaluate", evaluate.evaluate), ("serve", serve.serve)):
         overrides = ([f"+adapters.m={mixed_run / 'run'}", "val_limit=2"] if command == "serve"
                      else [f"ckpt={mixed_run / 'run'}"])
-        cfg = compose_cfg(command, overrides)
-        entry = {"evaluate": evaluate.evaluate, "compile": compile_prefix, "serve": serve.serve}[command]
-        with pytest.raises(UserError, match=r"was trained on a task mixture \(sst2, snli, e2e\); evaluate.py, "
-                                            r"compile.py and serve.py read single-task runs"):
-            entry(cfg)
+        with pytest.raises(UserError, match=r"comes from a task mixture \(sst2, snli, e2e\); evaluate.py and "
+                                            r"serve.py read single-task runs; read the per-task validation scores"):
+            entry(compose_cfg(command, overrides))
+
+
+def test_a_shared_prefix_compiles_on_the_mixture(tmp_path):
+    """Calibration takes each task's share (proportional: equal sizes, equal shares), each encoded by its own
+    task; the compiled LoRA follows the shared prefix better than the base model does."""
+    _train(tmp_path, "p", *MIX[:4], "model=llama_tiny", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
+           "trainer.max_steps=6")
+    compile_prefix(compose_cfg("compile", [f"ckpt={tmp_path / 'p'}", "~logger", "calib_size=48", "eval_size=12"]))
+    record = json.loads((tmp_path / "p" / "compiled-r4" / runs.COMPILE).read_text())
+    assert record["task"] == "mixture" and record["source"]["data"] == "mix"
+    assert record["calibration"]["tasks"] == {"sst2": 16, "snli": 16, "e2e": 16}
+    assert record["calibration"]["examples"] == 48 and record["eval_examples"] == 12
+    # classification rows are scored at one token, E2E rows at every reference token
+    assert record["calibration"]["scored_tokens"] > 48
+    agree = record["next_token"]
+    assert agree["next_token_agreement"] > agree["base_next_token_agreement"] + 0.2
+    with pytest.raises(UserError, match=r"comes from a task mixture"):
+        evaluate.evaluate(compose_cfg("evaluate", [f"ckpt={tmp_path / 'p' / 'compiled-r4'}"]))
+    with pytest.raises(UserError, match=r"calib_decode=greedy: applies to a single generation task or a prompt file"):
+        compile_prefix(compose_cfg("compile", [f"ckpt={tmp_path / 'p'}", "~logger", "calib_decode=greedy",
+                                               "out_dir=" + str(tmp_path / "g")]))
 
 
 def test_multitask_table_puts_each_tasks_score_per_configuration(mixed_run, tmp_path):

@@ -14,6 +14,7 @@ half a sampled continuation. A decoded continuation is scored at every one of it
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -23,7 +24,9 @@ from torch import Tensor
 
 from feta.compile.source import CompileSource
 from feta.compile.spec import CalibDecode, CompileSpec
-from feta.data import IGNORE, TaskDataModule, encode_continuations, encode_prompts, note_clamp, seeded_subset
+from feta.compile.tokens import BATCH_KEYS
+from feta.data import (IGNORE, MixDataModule, MixSpec, TaskDataModule, encode_continuations, encode_prompts,
+                       note_clamp, seeded_subset)
 from feta.decoding import decode_ids
 from feta.errors import UserError
 
@@ -140,6 +143,8 @@ def calibrate(source: CompileSource, tokenizer, spec: CompileSpec, adapted=None)
     source as a PEFT model) decodes the continuations calib_decode asks for."""
     if source.prompts is not None:
         return _prompt_file(source.prompts, tokenizer, spec, source.seed, adapted)
+    if isinstance(source.data, MixSpec):
+        return _mixture(source.data, tokenizer, spec, source.seed)
     dm = TaskDataModule(source.data, tokenizer, seed=source.seed)
     fit, held_out = calibration_batches(dm, spec, source.seed, adapted)
     own = None
@@ -176,6 +181,41 @@ def _prompt_file(prompts: list[str], tokenizer, spec: CompileSpec, seed: int, ad
         own = own_outputs(adapted, tokenizer, _rows(held), spec.calib_new_tokens or PROMPT_NEW_TOKENS, PROMPT_MAX_LENGTH)
     return Calibration(fit, held, calib, partial(encode_prompts, tokenizer, max_length=PROMPT_MAX_LENGTH), None,
                        "prompts", record, own)
+
+
+def _mixture(data: MixSpec, tokenizer, spec: CompileSpec, seed: int) -> Calibration:
+    """A task mixture's calibration: each task's share of calib_size (by the mixture's own mixing rule) and
+    of eval_size, each encoded as its task encodes it (classification scored at the prompt's last token,
+    generation at the reference's tokens), in one batch."""
+    if spec.calib_decode is not CalibDecode.reference:
+        raise UserError(f"calib_decode={spec.calib_decode.value}", "applies to a single generation task or a prompt "
+                        f"file; the mixture {', '.join(data.specs)} calibrates on its tasks' own data",
+                        "drop calib_decode (reference is the default)")
+    mix = MixDataModule(data, tokenizer, seed)
+    mix.setup()
+    sizes = [len(m.splits["train"]) for m in mix.modules.values()]
+    weights = mix.weights() or sizes
+    shares = [max(1, round(spec.calib_size * w / sum(weights))) for w in weights]
+    held = max(1, spec.eval_size // len(sizes))
+    fits, helds = [], []
+    for dm, n in zip(mix.modules.values(), shares):
+        fit, held_out = calibration_batches(dm, dataclasses.replace(spec, calib_size=n, eval_size=held), seed)
+        fits.append({k: fit[k] for k in BATCH_KEYS})
+        helds.append({k: held_out[k] for k in BATCH_KEYS})
+    fit = _stack(fits, tokenizer.pad_token_id)
+    record = {"tasks": dict(zip(mix.names, shares)), **_decode_record(fit, spec)}
+    return Calibration(fit, _stack(helds, tokenizer.pad_token_id), mix.train,
+                       partial(_mixture_collate, mix, tokenizer.pad_token_id), None, "mixture", record)
+
+
+def _mixture_collate(mix: MixDataModule, pad_id: int, items: list[tuple[int, dict]]) -> dict[str, Tensor]:
+    """A batch of (task index, example) items from several tasks, each encoded by its own task, scored where
+    that task is read (distillation matches the source there)."""
+    groups = {}
+    for index, example in items:
+        groups.setdefault(index, []).append(example)
+    parts = [mix.tasks[mix.names[i]].encode(examples) for i, examples in groups.items()]
+    return _stack([{k: part[k] for k in BATCH_KEYS} for part in parts], pad_id)
 
 
 def _rows(batch: dict[str, Tensor]) -> list[list[int]]:

@@ -35,7 +35,7 @@ from feta.compile.source import CompileSource, check_shapes
 from feta.compile.spec import CalibDecode, CompileSpec
 from feta.compile.tokens import find_sinks, fit_weights, micro_batches, sinks_in
 from feta.compile.views import GATED, CompileModel
-from feta.data import TaskKind
+from feta.data import DataSpec, TaskKind
 from feta.errors import UserError
 from feta.metrics import generation_metrics
 from feta.models import load_base_model
@@ -280,7 +280,7 @@ def _decoder(base, source: CompileSource, spec: CompileSpec):
     held-out continuations of a generation task or prompt file (None: nothing to decode). A
     prompt-learning wrapper leaves `base` as it was; a gated prefix's wrappers must be swapped out again
     once the calibration is decoded (CompileModel swaps them in for its source view alone)."""
-    generates = source.prompts is not None or (source.data is not None and source.data.task is TaskKind.generation)
+    generates = source.prompts is not None or (isinstance(source.data, DataSpec) and source.data.task is TaskKind.generation)
     if spec.calib_decode is CalibDecode.reference and not generates:
         return None
     return load_adapter(base, source.adapter_dir).eval().to(device=next(base.parameters()).device, dtype=base.dtype)

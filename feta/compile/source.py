@@ -86,7 +86,6 @@ def check_source(run_dir: str | Path, model_override: str | None = None) -> tupl
         raise UserError(f"ckpt={run_dir}", f"is neither a feta run ({runs.CONFIG}) nor a PEFT adapter "
                         f"({ADAPTER_CONFIG})", "pass a directory train.py wrote, or one PEFT's save_pretrained wrote")
     cfg = runs.load_run_config(run_dir)
-    runs.check_single_task(run_dir, cfg)
     kind = cfg.adapter.kind
     if not KINDS[kind].compilable:
         raise UserError(f"ckpt={run_dir}", f"is a {kind} run; compile turns a token adaptation "
