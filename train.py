@@ -76,6 +76,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     n_trainable = trainable_parameters(peft_model)
     log.info(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in peft_model.parameters()):,}")
     mixture = isinstance(data_spec, MixSpec)
+    if mixture and "ddp" in str(cfg.trainer.get("strategy", "")):
+        raise UserError("trainer.strategy", "data=mix trains in one process: one sampler draws each batch's task",
+                        "drop trainer=ddp, or train each task's adapter apart")
     datamodule = (MixDataModule if mixture else TaskDataModule)(data_spec, tokenizer, seed=cfg.seed)
     datamodule.setup()  # reads and checks the data files before any training
     kind = "mixture" if mixture else datamodule.task.kind.value

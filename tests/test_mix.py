@@ -148,6 +148,7 @@ def test_killed_mixture_run_resumes_to_the_uninterrupted_adapter(tmp_path):
     (["data.tasks=[sst2,sst2]"], r"data.tasks: holds the task sst2 twice"),
     (["data.mixing=uniform"], r"data.mixing: unknown choice 'uniform'; use one of proportional, equal"),
     (["data.mixing_temperature=0"], r"data.mixing_temperature"),
+    (["trainer=ddp", "trainer.accelerator=cpu"], r"trainer.strategy: data=mix trains in one process"),
 ])
 def test_bad_mixtures_are_refused(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
@@ -229,3 +230,12 @@ def test_a_sweep_with_a_mixture_ends_with_the_multitask_table(mixed_run, tmp_pat
     assert (sweep / "multitask.md").is_file() and "shared" in out and "per task" in out
     assert f"next: python compile.py ckpt={sweep / '1'}" in out  # the single-task prefix, not the mixture
     assert prefix["data"] == "sst2"
+
+
+@pytest.mark.parametrize("adapter", ["prefix", "prompt", "ia3", "gated_prefix", "ptuning_v2", "lora"])
+def test_every_adapter_kind_trains_on_a_mixture(tmp_path, adapter):
+    metrics = _train(tmp_path, "run", "data=mix", "data.tasks=[sst2,snli]", "data.train_limit=16", "data.val_limit=4",
+                     f"adapter={adapter}", "trainer.max_steps=2")
+    assert metrics["adapter"] == ("prefix" if adapter == "ptuning_v2" else adapter) and metrics["global_step"] == 2
+    assert 0 <= metrics["val_snli_acc"] <= 1 and metrics["val_sizes"] == {"sst2": 4, "snli": 4}
+    assert (tmp_path / "run" / runs.ADAPTER / "adapter_config.json").is_file()

@@ -94,14 +94,11 @@ ConfigStore.instance().store(group="data", name="mix_schema", node=MixSpec)
 
 class MixtureBatches(Resumable, Sampler):
     """Batches of indices into the tasks' concatenated training examples, each batch from one task, the
-    tasks' batches interleaved by the mixing rule (seeded per epoch); resumable like ResumableShuffle.
-    With `num_replicas` > 1 this process takes every num_replicas-th batch."""
+    tasks' batches interleaved by the mixing rule (seeded per epoch); resumable like ResumableShuffle."""
 
-    def __init__(self, sizes: list[int], batch_size: int, weights: list[float] | None, seed: int,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, sizes: list[int], batch_size: int, weights: list[float] | None, seed: int) -> None:
         super().__init__()
         self.sizes, self.batch_size, self.weights, self.seed = sizes, batch_size, weights, seed
-        self.num_replicas, self.rank = num_replicas, rank
         self.n_batches = sum(-(-n // batch_size) for n in sizes)
 
     def order(self) -> list[list[int]]:
@@ -121,10 +118,10 @@ class MixtureBatches(Resumable, Sampler):
         for t in tasks:  # a task drawn more often than it has batches starts its pool over
             batches.append(pools[t][taken[t] % len(pools[t])])
             taken[t] += 1
-        return batches[self.rank::self.num_replicas]
+        return batches
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n_batches, self.num_replicas))
+        return self.n_batches
 
 
 class MixDataModule(L.LightningDataModule):
@@ -163,10 +160,8 @@ class MixDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         self.setup()
-        distributed = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
-        replicas = {"num_replicas": distributed["num_replicas"], "rank": distributed["rank"]} if distributed else {}
         sizes = [len(m.splits["train"]) for m in self.modules.values()]
-        batches = MixtureBatches(sizes, self.spec.batch_size, self.weights(), self.seed, **replicas)
+        batches = MixtureBatches(sizes, self.spec.batch_size, self.weights(), self.seed)
         return StatefulDataLoader(self.train, batch_sampler=batches, collate_fn=self.collate,
                                   num_workers=self.spec.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
