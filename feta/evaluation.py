@@ -19,7 +19,7 @@ import torch
 from feta import latency, runs, storage
 from feta.adapters import merged_copy
 from feta.compile.faithfulness import next_token
-from feta.data import TaskDataModule, TaskKind
+from feta.data import MixSpec, TaskDataModule, TaskKind
 from feta.decoding import decode_texts
 from feta.kinds import KINDS
 from feta.metrics import classification_report, generation_metrics
@@ -90,13 +90,14 @@ def _classification(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec
     return result
 
 
-def _generation(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec) -> dict[str, Any]:
+def _generation(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec, outputs_file: str = OUTPUTS
+                ) -> dict[str, Any]:
     outputs = generate(model, dm)
-    result = {**generation_metrics(outputs, dm.references), "val_size": len(outputs), "outputs": OUTPUTS}
+    result = {**generation_metrics(outputs, dm.references), "val_size": len(outputs), "outputs": outputs_file}
     rows = [{"input": p, "output": o, "references": r} for p, o, r in zip(dm.prompts("validation"), outputs, dm.references)]
     if run.kind == "compiled":  # agreement with the source prefix, on the references and on its own outputs
         source_model = runs.adapted_model(run, source=True)[0]
-        source_outputs = _source_outputs(run, dm, source_model)
+        source_outputs = _source_outputs(run, dm, source_model, outputs_file)
         result["identical_outputs"] = sum(a == b for a, b in zip(outputs, source_outputs)) / len(outputs)
         result["token_agreement"] = float((teacher_forced_predictions(model, dm)
                                            == teacher_forced_predictions(source_model, dm)).float().mean())
@@ -104,7 +105,7 @@ def _generation(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec) ->
         result.update(_on_source_outputs(model, source_model, dm, model_spec, source_outputs, result["bleu"]))
         for row, s in zip(rows, source_outputs):
             row["source_output"] = s
-    storage.write_text(run.run_dir / OUTPUTS, "".join(json.dumps(r) + "\n" for r in rows))
+    storage.write_text(run.run_dir / outputs_file, "".join(json.dumps(r) + "\n" for r in rows))
     return result
 
 
@@ -126,20 +127,17 @@ def _on_source_outputs(model, source_model, dm: TaskDataModule, model_spec, sour
 
 
 def evaluate_run(run_dir: Path, settings: dict) -> dict[str, Any]:
-    """Evaluate one run and write <run_dir>/eval.json (atomically); returns it."""
+    """Evaluate one run and write <run_dir>/eval.json (atomically); returns it. A run trained on a task
+    mixture is scored on each of its tasks (eval.json `tasks`), and `task_mean` is the mean of their main
+    metrics on a 0-1 scale (BLEU / 100)."""
     run = runs.resolve_run(run_dir)
     model, tokenizer, model_spec, data_spec = load_models(run)
     data_spec = data_spec.with_validation(settings.get("val_limit"), settings.get("val_seed"))
-    dm = TaskDataModule(data_spec, tokenizer, seed=run.cfg.seed)
-    dm.setup()
-    task = dm.task
     result = {
         "run": str(run.run_dir.resolve()),
         "kind": run.kind,
         "name": run.name,
         "model": model_spec.name,
-        "task": task.kind.value,
-        "main_metric": task.main_metric,
         "val_limit": data_spec.val_limit,  # with val_seed (and val_size): which validation inputs were scored
         "val_seed": data_spec.val_seed,
         "m": run.cfg.adapter.get("m"),
@@ -151,12 +149,36 @@ def evaluate_run(run_dir: Path, settings: dict) -> dict[str, Any]:
         "residuals": run.record["residuals"] if run.kind == "compiled" else None,
         "latency": None,
     }
-    scoring = _classification if task.kind is TaskKind.classification else _generation
-    result.update(scoring(run, model, dm, model_spec))
-    if settings["latency"]["enabled"]:
+    if isinstance(data_spec, MixSpec):
+        tasks = {}
+        for name, spec in data_spec.specs.items():
+            dm = _datamodule(spec, tokenizer, run)
+            tasks[name] = _scored(run, model, dm, model_spec, f"outputs-{name}.jsonl")
+        means = [t[t["main_metric"]] / (100.0 if t["main_metric"] == "bleu" else 1.0) for t in tasks.values()]
+        result.update(task="mixture", main_metric="task_mean", task_mean=sum(means) / len(means), tasks=tasks,
+                      val_size=sum(t["val_size"] for t in tasks.values()))
+    else:
+        dm = _datamodule(data_spec, tokenizer, run)
+        result.update(_scored(run, model, dm, model_spec, OUTPUTS))
+    if settings["latency"]["enabled"]:  # a mixture's: on its last task's inputs
         result["latency"] = latency_block(model, run.kind, model_spec, dm, settings["latency"])
     storage.write_json(run.run_dir / runs.EVAL, result)
     return result
+
+
+def _datamodule(spec, tokenizer, run: runs.ResolvedRun) -> TaskDataModule:
+    dm = TaskDataModule(spec, tokenizer, seed=run.cfg.seed)
+    dm.setup()
+    return dm
+
+
+def _scored(run: runs.ResolvedRun, model, dm: TaskDataModule, model_spec, outputs_file: str) -> dict[str, Any]:
+    """One task's scores of the run: its metrics, and agreement with the source for a compiled run."""
+    if dm.task.kind is TaskKind.classification:
+        scores = _classification(run, model, dm, model_spec)
+    else:
+        scores = _generation(run, model, dm, model_spec, outputs_file)
+    return {"task": dm.task.kind.value, "main_metric": dm.task.main_metric, **scores}
 
 
 def _lora_params(model) -> int:
@@ -173,9 +195,9 @@ def _source_predictions(run: runs.ResolvedRun, dm: TaskDataModule, model_spec) -
     return predict(runs.adapted_model(run, source=True)[0], dm)[0].tolist()
 
 
-def _source_outputs(run: runs.ResolvedRun, dm: TaskDataModule, source_model) -> list[str]:
-    """The source prefix's greedy outputs: from its outputs.jsonl when it holds these inputs, else decoded."""
-    path = run.source_dir / OUTPUTS
+def _source_outputs(run: runs.ResolvedRun, dm: TaskDataModule, source_model, outputs_file: str = OUTPUTS) -> list[str]:
+    """The source prefix's greedy outputs: from its outputs file when it holds these inputs, else decoded."""
+    path = run.source_dir / outputs_file
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         if [r["input"] for r in rows] == dm.prompts("validation"):

@@ -16,7 +16,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
 # Which way is better for each metric a run records: +1 higher, -1 lower. A sweep's objective is returned
 # times its sign, so that higher always means better to the sweeper.
 DIRECTION = {"val_acc": 1, "val_macro_f1": 1, "val_token_acc": 1, "val_loss": -1, "bleu": 1, "rouge_l": 1,
-             "val_task_mean": 1}
+             "val_task_mean": 1, "task_mean": 1}
 # What each task kind's training validation records (metrics.json), the choices of `optimized_metric`.
 # A mixture (data=mix) records each task's as val_<task>_<metric>, and val_task_mean, the mean of their
 # main metrics.

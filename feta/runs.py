@@ -110,7 +110,6 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
                             "feta runs only", f"read its {COMPILE} (next_token) instead")
         source = Path(record["source_run"])
         cfg = load_run_config(source)
-        check_single_task(run_dir, cfg)
         check_adapter(run_dir / ADAPTER, f"compile.py ckpt={source} overwrite=true")
         source_kind = "" if cfg.adapter.kind == "prefix" else f"{cfg.adapter.kind}-"
         name = (f"compiled-{source_kind}m{cfg.adapter.m}-r{record['rank']}"
@@ -124,17 +123,16 @@ def resolve_run(run_dir: str | Path) -> ResolvedRun:
         raise UserError(str(run_dir / METRICS), "is incomplete (a key is missing)",
                         f"delete it and rerun train.py with output_dir={run_dir} skip_finished=false")
     adapter_dir(run_dir)
-    check_single_task(run_dir, cfg)
     record = read_json(run_dir / METRICS)
     return ResolvedRun(run_dir, cfg.adapter.kind, record["name"], cfg, record)
 
 
-def check_single_task(run_dir: str | Path, cfg: DictConfig) -> None:
-    """Refuse a run trained on a task mixture (data=mix), or compiled from one, where one task's run is read."""
+def check_single_task(run_dir: str | Path, cfg: DictConfig, command: str) -> None:
+    """Refuse a run trained on a task mixture (data=mix), or compiled from one, where `command` reads one
+    task's run."""
     if "tasks" in cfg.data:
-        raise UserError(f"ckpt={run_dir}", f"comes from a task mixture ({', '.join(cfg.data.tasks)}); evaluate.py "
-                        "and serve.py read single-task runs", f"read the per-task validation scores in its run's "
-                        f"{METRICS} (val_<task>_*), and a compiled mixture's next-token agreement in its {COMPILE}")
+        raise UserError(str(run_dir), f"comes from a task mixture ({', '.join(cfg.data.tasks)}); {command} reads "
+                        "single-task runs", "evaluate.py scores a mixture run on each of its tasks")
 
 
 def adapted_model(run: ResolvedRun, source: bool = False):

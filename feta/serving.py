@@ -69,6 +69,7 @@ def resolve_adapters(adapters: dict[str, str | Path]) -> dict[str, runs.Resolved
         # Checked here: resolve_run would name it ckpt=
         check_path(f"adapters.{name}={path}", path, "directory", "pass a LoRA run or a compiled directory")
         run = runs.resolve_run(Path(path))
+        runs.check_single_task(f"adapters.{name}={path}", run.cfg, "serve.py")
         if KINDS[run.kind].compilable:
             raise UserError(f"adapters.{name}={path}", f"is a {run.kind} (token adaptation): its rows cannot "
                             "share a forward pass with other adapters",

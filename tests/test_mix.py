@@ -168,13 +168,26 @@ def test_a_mixture_of_a_users_yaml_task(tmp_path):
     assert list(mix.specs) == ["sst2", "mine"] and mix.specs["mine"].classes == ["n", "y"]
 
 
-def test_single_task_commands_refuse_a_mixture_run(mixed_run):
-    for command, entry in (("evaluate", evaluate.evaluate), ("serve", serve.serve)):
-        overrides = ([f"+adapters.m={mixed_run / 'run'}", "val_limit=2"] if command == "serve"
-                     else [f"ckpt={mixed_run / 'run'}"])
-        with pytest.raises(UserError, match=r"comes from a task mixture \(sst2, snli, e2e\); evaluate.py and "
-                                            r"serve.py read single-task runs; read the per-task validation scores"):
-            entry(compose_cfg(command, overrides))
+def test_serve_refuses_a_mixture_run(mixed_run):
+    with pytest.raises(UserError, match=r"adapters.m=.*: comes from a task mixture \(sst2, snli, e2e\); serve.py "
+                                        r"reads single-task runs"):
+        serve.serve(compose_cfg("serve", [f"+adapters.m={mixed_run / 'run'}", "val_limit=2"]))
+
+
+def test_evaluate_scores_a_mixture_run_on_each_task(mixed_run):
+    """eval.json holds each task's own evaluation, equal to training's validation on the same subsets."""
+    ev = evaluate.evaluate(compose_cfg("evaluate", [f"ckpt={mixed_run / 'run'}", "~logger", "latency.enabled=false"]))
+    ev = next(iter(ev["runs"].values()))
+    metrics = json.loads((mixed_run / "run" / runs.METRICS).read_text())
+    assert ev["task"] == "mixture" and ev["main_metric"] == "task_mean" and list(ev["tasks"]) == ["sst2", "snli", "e2e"]
+    for name in ("sst2", "snli"):
+        task = ev["tasks"][name]
+        assert task["main_metric"] == "val_acc" and task["val_size"] == 8
+        assert task["val_acc"] == pytest.approx(metrics[f"val_{name}_acc"], abs=1e-6), name
+    e2e = ev["tasks"]["e2e"]
+    assert e2e["main_metric"] == "bleu" and (mixed_run / "run" / e2e["outputs"]).is_file()
+    means = [ev["tasks"]["sst2"]["val_acc"], ev["tasks"]["snli"]["val_acc"], e2e["bleu"] / 100]
+    assert ev["task_mean"] == pytest.approx(sum(means) / 3)
 
 
 def test_a_shared_prefix_compiles_on_the_mixture(tmp_path):
@@ -191,8 +204,10 @@ def test_a_shared_prefix_compiles_on_the_mixture(tmp_path):
     assert record["calibration"]["scored_tokens"] > 48
     agree = record["next_token"]
     assert agree["next_token_agreement"] > agree["base_next_token_agreement"] + 0.2
-    with pytest.raises(UserError, match=r"comes from a task mixture"):
-        evaluate.evaluate(compose_cfg("evaluate", [f"ckpt={tmp_path / 'p' / 'compiled-r4'}"]))
+    ev = evaluate.evaluate(compose_cfg("evaluate", [f"ckpt={tmp_path / 'p' / 'compiled-r4'}", "~logger",
+                                                    "latency.enabled=false"]))
+    tasks = next(iter(ev["runs"].values()))["tasks"]  # the compiled shared prefix, against it on every task
+    assert 0 <= tasks["snli"]["class_agreement"] <= 1 and 0 <= tasks["e2e"]["identical_outputs"] <= 1
     with pytest.raises(UserError, match=r"calib_decode=greedy: applies to a single generation task or a prompt file"):
         compile_prefix(compose_cfg("compile", [f"ckpt={tmp_path / 'p'}", "~logger", "calib_decode=greedy",
                                                "out_dir=" + str(tmp_path / "g")]))

@@ -121,6 +121,8 @@ def _check_eval(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
         ev = read_json(path, f"evaluate.py ckpt={run_dir} overwrite=true")
     except UserError as e:
         return None, str(e)
+    if task_of(ev) == "mixture":  # one row per run and task would be another table
+        return None, f"a task mixture, scored per task in its {EVAL} (tasks) and in the sweep's multitask.md"
     if task_of(ev) not in TASKS:
         return None, f"{EVAL} task={ev['task']!r} is none of {', '.join(TASKS)}"
     if (ev.get("main_metric") or "val_acc") not in METRICS:
