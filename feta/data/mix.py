@@ -12,6 +12,7 @@ An epoch has as many batches as the tasks' examples fill. Validation scores ever
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,9 +85,9 @@ class MixSpec:
         return max(spec.max_length for spec in self.specs.values())
 
     def with_validation(self, val_limit: int | None = None, val_seed: int | None = None) -> "MixSpec":
-        return MixSpec(**{**{k: getattr(self, k) for k in self.__dataclass_fields__},
-                          "val_limit": self.val_limit if val_limit is None else val_limit,
-                          "val_seed": self.val_seed if val_seed is None else val_seed})
+        """As DataSpec.with_validation, for every task (None keeps the mixture's own)."""
+        return dataclasses.replace(self, val_limit=self.val_limit if val_limit is None else val_limit,
+                                   val_seed=self.val_seed if val_seed is None else val_seed)
 
 
 ConfigStore.instance().store(group="data", name="mix_schema", node=MixSpec)
