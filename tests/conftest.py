@@ -33,6 +33,14 @@ def tiny_train_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
+def train_tiny(root: Path, name: str, *overrides: str) -> dict:
+    """Train a tiny_train_cfg run at root/name; returns its metrics."""
+    cfg = tiny_train_cfg(root, *overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(root / name)
+    return train(cfg)[0]
+
+
 def compile_cfg(ckpt: Path | str, *overrides: str) -> DictConfig:
     """A compile config with small calibration and held-out sets, for the tiny runs below."""
     return compose_cfg("compile", [f"ckpt={ckpt}", "logger=csv", "calib_size=64", "eval_size=32", *overrides])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import evaluate
@@ -26,7 +26,7 @@ from feta.models import load_base_model
 from feta.report.multitask import write_multitask
 from feta.scoring import class_log_probs
 from feta.sweep import SweepSummary
-from tests.conftest import compose_cfg, tiny_train_cfg
+from tests.conftest import compose_cfg, tiny_train_cfg, train_tiny
 from tests.helpers.callbacks import recorded_batches
 from train import train
 
@@ -34,17 +34,10 @@ MIX = ("data=mix", "data.tasks=[sst2,snli,e2e]", "data.train_limit=32", "data.va
        "adapter.lr=0.05")
 
 
-def _train(root: Path, name: str, *overrides: str) -> dict:
-    cfg = tiny_train_cfg(root, *overrides)
-    with open_dict(cfg):
-        cfg.output_dir = str(root / name)
-    return train(cfg)[0]
-
-
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mix")
-    _train(root, "run", *MIX, "trainer.max_steps=6", "+callbacks.record._target_=tests.helpers.callbacks.RecordBatches",
+    train_tiny(root, "run", *MIX, "trainer.max_steps=6", "+callbacks.record._target_=tests.helpers.callbacks.RecordBatches",
            f"+callbacks.record.path={root / 'batches.jsonl'}")
     return root
 
@@ -132,11 +125,11 @@ def test_sampler_resumes_mid_epoch():
 
 
 def test_killed_mixture_run_resumes_to_the_uninterrupted_adapter(tmp_path):
-    _train(tmp_path, "whole", *MIX, "trainer.max_steps=8", "checkpoint_every_n_steps=3")
+    train_tiny(tmp_path, "whole", *MIX, "trainer.max_steps=8", "checkpoint_every_n_steps=3")
     crash = ["+callbacks.crash._target_=tests.helpers.callbacks.CrashAt", "+callbacks.crash.step=4"]
     with pytest.raises(RuntimeError, match="simulated crash at step 4"):
-        _train(tmp_path, "cut", *MIX, "trainer.max_steps=8", "checkpoint_every_n_steps=3", *crash)
-    _train(tmp_path, "cut", *MIX, "trainer.max_steps=8", "checkpoint_every_n_steps=3")
+        train_tiny(tmp_path, "cut", *MIX, "trainer.max_steps=8", "checkpoint_every_n_steps=3", *crash)
+    train_tiny(tmp_path, "cut", *MIX, "trainer.max_steps=8", "checkpoint_every_n_steps=3")
     a = load_file(tmp_path / "whole" / runs.ADAPTER / "adapter_model.safetensors")
     b = load_file(tmp_path / "cut" / runs.ADAPTER / "adapter_model.safetensors")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
@@ -193,7 +186,7 @@ def test_evaluate_scores_a_mixture_run_on_each_task(mixed_run):
 def test_a_shared_prefix_compiles_on_the_mixture(tmp_path):
     """Calibration takes each task's share (proportional: equal sizes, equal shares), each encoded by its own
     task; the compiled LoRA follows the shared prefix better than the base model does."""
-    _train(tmp_path, "p", *MIX[:4], "model=llama_tiny", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
+    train_tiny(tmp_path, "p", *MIX[:4], "model=llama_tiny", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
            "trainer.max_steps=6")
     compile_prefix(compose_cfg("compile", [f"ckpt={tmp_path / 'p'}", "~logger", "calib_size=48", "eval_size=12"]))
     record = json.loads((tmp_path / "p" / "compiled-r4" / runs.COMPILE).read_text())
@@ -216,7 +209,7 @@ def test_a_shared_prefix_compiles_on_the_mixture(tmp_path):
 def test_multitask_table_puts_each_tasks_score_per_configuration(mixed_run, tmp_path):
     """The shared LoRA's row holds its per-task scores; the per-task row holds each single-task run's score,
     its trainable parameters summed over the tasks."""
-    single = {t: _train(tmp_path, t, f"data={t}", "data.train_limit=16", "data.val_limit=8", "adapter=lora",
+    single = {t: train_tiny(tmp_path, t, f"data={t}", "data.train_limit=16", "data.val_limit=8", "adapter=lora",
                         "trainer.max_steps=2") for t in ("sst2", "snli")}
     shared = json.loads((mixed_run / "run" / runs.METRICS).read_text())
     table = write_multitask([mixed_run / "run", tmp_path / "sst2", tmp_path / "snli"], tmp_path / "multitask.md")
@@ -237,7 +230,7 @@ def test_a_sweep_with_a_mixture_ends_with_the_multitask_table(mixed_run, tmp_pat
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     shutil.copytree(mixed_run / "run", sweep / "0")
-    prefix = _train(tmp_path, "p", "data.train_limit=16", "data.val_limit=8", "adapter.init=random", "adapter.m=4",
+    prefix = train_tiny(tmp_path, "p", "data.train_limit=16", "data.val_limit=8", "adapter.init=random", "adapter.m=4",
                     "trainer.max_steps=2")
     shutil.copytree(tmp_path / "p", sweep / "1")
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
@@ -249,7 +242,7 @@ def test_a_sweep_with_a_mixture_ends_with_the_multitask_table(mixed_run, tmp_pat
 
 @pytest.mark.parametrize("adapter", ["prefix", "prompt", "ia3", "gated_prefix", "ptuning_v2", "lora"])
 def test_every_adapter_kind_trains_on_a_mixture(tmp_path, adapter):
-    metrics = _train(tmp_path, "run", "data=mix", "data.tasks=[sst2,snli]", "data.train_limit=16", "data.val_limit=4",
+    metrics = train_tiny(tmp_path, "run", "data=mix", "data.tasks=[sst2,snli]", "data.train_limit=16", "data.val_limit=4",
                      f"adapter={adapter}", "trainer.max_steps=2")
     assert metrics["adapter"] == ("prefix" if adapter == "ptuning_v2" else adapter) and metrics["global_step"] == 2
     assert 0 <= metrics["val_snli_acc"] <= 1 and metrics["val_sizes"] == {"sst2": 4, "snli": 4}

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 import serve
 from feta import runs
@@ -18,17 +17,8 @@ from feta.decoding import decode_texts
 from feta.errors import UserError
 from feta.scoring import class_log_probs
 from feta.serving import BASE, AdapterServer, Request, adapter_tasks, read_requests, resolve_adapters
-from tests.conftest import compose_cfg, tiny_train_cfg
+from tests.conftest import compose_cfg, train_tiny
 from tests.helpers.data import mood_csv
-from train import train
-
-
-def _train(root: Path, name: str, *overrides: str) -> Path:
-    cfg = tiny_train_cfg(root, *overrides)
-    with open_dict(cfg):
-        cfg.output_dir = str(root / name)
-    train(cfg)
-    return root / name
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +30,11 @@ def three_tasks(tmp_path_factory) -> dict[str, Path]:
             "data.val_limit=null", "data.train_limit=null"]
     e2e = ["data=e2e", "data.train_limit=64", "data.val_limit=6", "data.max_new_tokens=6", "data.batch_size=8"]
     fast = ("adapter.lr=0.05", "trainer.max_steps=6")
-    return {"mood": _train(root, "mood", *mood, "adapter=lora", *fast),
-            "nli": _train(root, "nli", "data=snli", "data.train_limit=64", "data.val_limit=8", "adapter=lora",
-                          "adapter.r=2", "adapter.targets=[c_fc]", *fast),
-            "gen": _train(root, "gen", *e2e, "adapter=lora", *fast)}
+    train_tiny(root, "mood", *mood, "adapter=lora", *fast)
+    train_tiny(root, "nli", "data=snli", "data.train_limit=64", "data.val_limit=8", "adapter=lora", "adapter.r=2",
+               "adapter.targets=[c_fc]", *fast)
+    train_tiny(root, "gen", *e2e, "adapter=lora", *fast)
+    return {name: root / name for name in ("mood", "nli", "gen")}
 
 
 def _rows(server: AdapterServer) -> list[Request]:
@@ -162,16 +153,16 @@ def test_bad_rows_are_refused_before_the_model_loads(three_tasks, tmp_path, monk
 
 
 def test_adapters_of_another_base_model_are_refused(three_tasks, tmp_path):
-    other = _train(tmp_path, "llama", "model=llama_tiny", "adapter=lora", "trainer.max_steps=1", "data.train_limit=16",
+    train_tiny(tmp_path, "llama", "model=llama_tiny", "adapter=lora", "trainer.max_steps=1", "data.train_limit=16",
                    "data.val_limit=4")
     with pytest.raises(UserError, match=r"adapters.other: is trained on another base model than mood "
                                         r"\(llama_tiny vs gpt2_tiny\); serve adapters of one base model together"):
-        resolve_adapters({"mood": three_tasks["mood"], "other": other})
+        resolve_adapters({"mood": three_tasks["mood"], "other": tmp_path / "llama"})
 
 
 def test_two_adapters_naming_one_task_must_read_it_alike(three_tasks, tmp_path):
-    sst2 = _train(tmp_path, "sst2", "adapter=lora", "trainer.max_steps=1", "data.train_limit=16", "data.val_limit=4")
-    other = _train(tmp_path, "sst2b", "adapter=lora", "trainer.max_steps=1", "data.train_limit=16", "data.val_limit=4",
+    train_tiny(tmp_path, "sst2", "adapter=lora", "trainer.max_steps=1", "data.train_limit=16", "data.val_limit=4")
+    train_tiny(tmp_path, "sst2b", "adapter=lora", "trainer.max_steps=1", "data.train_limit=16", "data.val_limit=4",
                    "data.prompt='Text: {sentence}\nSentiment:'")
     with pytest.raises(UserError, match=r"adapters.b: names the task sst2 as a does, with another data.prompt"):
-        adapter_tasks(resolve_adapters({"a": sst2, "b": other}))
+        adapter_tasks(resolve_adapters({"a": tmp_path / "sst2", "b": tmp_path / "sst2b"}))

@@ -7,27 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import open_dict
 
 from compile import compile_prefix
 from evaluate import evaluate
-from tests.conftest import compose_cfg, tiny_train_cfg
+from tests.conftest import compose_cfg, train_tiny
 from tests.helpers.data import mood_csv
-from train import train
 
 FAST_LATENCY = ["latency.repeats=1", "latency.batches=[1]", "latency.decode_tokens=2", "latency.min_run_time=0.01",
                 "latency.prompt_len=8"]
-def _run(root: Path, name: str, *overrides: str) -> Path:
-    cfg = tiny_train_cfg(root, *overrides)
-    with open_dict(cfg):
-        cfg.output_dir = str(root / name)
-    train(cfg)
-    return root / name
-
-
 def _prefix_compiled(root: Path, data: list[str], model: str, steps: int, calib_size: int, eval_size: int) -> Path:
     """A random-init prefix (m=4) trained as job 0 of `root`, then compiled with the default method."""
-    _run(root, "0", *data, f"model={model}", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
+    train_tiny(root, "0", *data, f"model={model}", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
          f"trainer.max_steps={steps}")
     compile_prefix(compose_cfg("compile", [f"ckpt={root / '0'}", "~logger", f"calib_size={calib_size}",
                                            f"eval_size={eval_size}"]))
@@ -41,7 +31,7 @@ def csv_sweep(tmp_path_factory):
             f"data.validation_file={mood_csv(root / 'val.csv', 30, offset=1)}", "data.prompt='Review: {text}\nMood:'",
             "data.classes=[neg,neu,pos]", "data.verbalizers=[' negative',' neutral',' very positive']",
             "data.val_limit=null", "data.train_limit=null"]
-    _run(root, "1", *data, "adapter=lora", "adapter.lr=0.05", "trainer.max_steps=8")
+    train_tiny(root, "1", *data, "adapter=lora", "adapter.lr=0.05", "trainer.max_steps=8")
     return _prefix_compiled(root, data, "gpt2_tiny", steps=8, calib_size=64, eval_size=16)
 
 
