@@ -272,7 +272,8 @@ def main() -> None:
     if args.plot:
         plot(df, args.plot)
         print(f"wrote {args.plot}")
-    extrapolate(df.sort_values(["params", "tokens"]).iloc[-1], args.extrapolate_prompts, args.gpu_tflops)
+    # From this run's rows: the CSV keeps the table's columns, not the prompt length and layer size it needs.
+    extrapolate(pd.DataFrame(rows).sort_values(["params", "tokens"]).iloc[-1], args.extrapolate_prompts, args.gpu_tflops)
 
 
 if __name__ == "__main__":
