@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from feta.adapters import GatedPrefixSpec, IA3Spec, LoraSpec, PrefixSpec, PromptSpec, build_adapter, merged_copy
-from feta.decoding import decode_texts, greedy_decode, left_align
+from feta.decoding import decode_texts, greedy_decode, left_align, prefill_then_greedy
 from feta.models import load_base_model, named_model
 
 ARCHS = ("gpt2_tiny", "llama_tiny")
@@ -186,3 +186,24 @@ def test_decode_texts_order_and_eos(models):
     # max_length keeps a prompt's end: the last 2 tokens of a long prompt decode as that 2-token prompt.
     short = decode_texts(model, tok, [texts[4], tok.decode(ids[4][-2:])], NEW, batch_size=2, max_length=2)
     assert short[0] == short[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["prefix", "lora"])
+def test_per_row_budgets_share_one_prefill(models, references, arch, kind):
+    """Row budgets 0, 2 and NEW: the budget-0 row is read from the prefill alone (its next-token logits are
+    the full forward's), the others decode their own number of tokens, each equal to decoding alone."""
+    model = models[arch, kind]
+    rows = prompts()
+    ids, mask = padded(rows, left=False)
+    first, out = prefill_then_greedy(model, ids, mask, [0, 2, NEW], eos_token_id=None, pad_token_id=PAD)
+    assert out.shape == (3, NEW)
+    assert out[0].tolist() == [PAD] * NEW
+    assert out[1].tolist() == references[arch, kind][1][:2] + [PAD] * (NEW - 2)
+    assert out[2].tolist() == references[arch, kind][2]
+    with torch.inference_mode():
+        alone = model(input_ids=rows[0][None], use_cache=False).logits[0, -1]
+    torch.testing.assert_close(first[0], alone, rtol=1e-4, atol=1e-4)
+    assert int(first[0].argmax()) == references[arch, kind][0][0]
+    _, none = prefill_then_greedy(model, ids, mask, [0, 0, 0], eos_token_id=None, pad_token_id=PAD)
+    assert none.shape == (3, 0)
