@@ -21,6 +21,7 @@ from feta import runs, storage
 from feta.cli import cli, run_main, task_wrapper
 from feta.evaluation import evaluate_run
 from feta.report import build_report, log_to_wandb
+from feta.report.multitask import MULTITASK, is_multitask, write_multitask
 from feta.schema import EvaluateConfig, check_output_dir
 from feta.tracking import finish_wandb, make_logger, run_logger
 
@@ -81,7 +82,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if failed:
         warnings.warn("skipped unfinished or broken runs:\n  " + "\n  ".join(failed))
     out = {"runs": results, "skipped": failed}
-    if settings.report and not (len(found) == 1 and found[0] == ckpt):
+    reported = settings.report and not (len(found) == 1 and found[0] == ckpt)
+    jobs = storage.run_dirs(ckpt, (runs.CONFIG,)) if reported else []
+    if reported and is_multitask(jobs):  # several tasks: one table of each task's score per configuration
+        write_multitask(jobs, ckpt / MULTITASK)
+        out["report"] = {"md": str(ckpt / MULTITASK)}
+        log.info(f"runs of several tasks, each task's score per configuration: {ckpt / MULTITASK}")
+    elif reported:
         report = build_report(ckpt)
         out["report"] = {k: str(v) for k, v in report["files"].items()}
         log.info(f"report: {ckpt / 'report'}")

@@ -15,11 +15,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from feta.kinds import KINDS
-from feta.report.multitask import has_mixture, write_multitask
+from feta.report.multitask import MULTITASK, is_multitask, write_multitask
 from feta.storage import CONFIG, METRICS, is_finished, read_json, run_dirs
 
 log = logging.getLogger("feta")
-MULTITASK = "multitask.md"
 
 
 def sweep_table(sweep_dir: Path) -> pd.DataFrame:
@@ -60,7 +59,7 @@ class SweepSummary(Callback):
             return
         print(f"\n{sweep_dir}\n{table.drop(columns='kind').to_markdown(index=False)}", flush=True)
         jobs = run_dirs(sweep_dir, (CONFIG,))
-        if has_mixture(jobs):  # a multi-task sweep: each task's score per configuration
+        if is_multitask(jobs):  # each task's score per configuration
             write_multitask(jobs, sweep_dir / MULTITASK)
             print(f"\n{(sweep_dir / MULTITASK).read_text()}", flush=True)
         print(f"\nnext: {next_command(sweep_dir, table)}", flush=True)

@@ -23,7 +23,7 @@ from feta.data import MixSpec, TaskDataModule, encode_prompts
 from feta.data.mix import MixtureBatches
 from feta.errors import UserError
 from feta.models import load_base_model
-from feta.report.multitask import write_multitask
+from feta.report.multitask import MULTITASK, write_multitask
 from feta.scoring import class_log_probs
 from feta.sweep import SweepSummary
 from tests.conftest import compose_cfg, tiny_train_cfg, train_tiny
@@ -238,6 +238,10 @@ def test_a_sweep_with_a_mixture_ends_with_the_multitask_table(mixed_run, tmp_pat
     assert (sweep / "multitask.md").is_file() and "shared" in out and "per task" in out
     assert f"next: python compile.py ckpt={sweep / '1'}" in out  # the single-task prefix, not the mixture
     assert prefix["data"] == "sst2"
+    (sweep / MULTITASK).unlink()
+    done = evaluate.evaluate(compose_cfg("evaluate", [f"ckpt={sweep}", "~logger", "latency.enabled=false"]))
+    assert done["report"] == {"md": str(sweep / MULTITASK)} and not (sweep / "report").exists()
+    assert (sweep / MULTITASK).is_file() and len(done["runs"]) == 2 and not done["skipped"]
 
 
 @pytest.mark.parametrize("adapter", ["prefix", "prompt", "ia3", "gated_prefix", "ptuning_v2", "lora"])

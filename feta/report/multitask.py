@@ -9,6 +9,8 @@ import pandas as pd
 
 from feta.storage import METRICS, is_finished, read_json, write_text
 
+MULTITASK = "multitask.md"  # beside a sweep's jobs
+
 
 def _task_scores(metrics: dict) -> dict[str, float]:
     """task -> its main validation metric (accuracy; generation: target-token accuracy), in percent."""
@@ -42,8 +44,11 @@ def multitask_table(run_dirs: list[Path]) -> pd.DataFrame:
         "configuration", kind="stable").reset_index(drop=True)
 
 
-def has_mixture(run_dirs: list[Path]) -> bool:
-    return any(is_finished(d) and read_json(d / METRICS).get("task") == "mixture" for d in run_dirs)
+def is_multitask(run_dirs: list[Path]) -> bool:
+    """Whether finished training runs among `run_dirs` cover several tasks: a mixture, or runs of different
+    data sets (a sweep such as experiment=multitask), whose scores the multitask table sets side by side."""
+    records = [read_json(d / METRICS) for d in run_dirs if (d / METRICS).is_file() and is_finished(d)]
+    return any(r.get("task") == "mixture" for r in records) or len({r.get("data") for r in records}) > 1
 
 
 def write_multitask(run_dirs: list[Path], path: Path) -> pd.DataFrame:
