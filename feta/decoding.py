@@ -253,6 +253,26 @@ def continuation_text(tokenizer, ids: list[int], eos_token_id: int | None) -> st
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def pad_token_of(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def left_padded(prompts: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id prompts, left-padded to the longest, on `device`."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        if prompt:
+            ids[r, width - len(prompt):] = torch.tensor(prompt)
+            mask[r, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def decode_ids(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
                pad_token_id: int, batch_size: int, adapter_names: list[str] | None = None, temperature: float = 0.0,
                generator: torch.Generator | None = None) -> list[list[int]]:
@@ -265,14 +285,7 @@ def decode_ids(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens:
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            if prompts[i]:
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[r, width - len(prompts[i]):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_padded([prompts[i] for i in rows], pad_token_id, device)
         if temperature > 0:
             generated = sample_decode(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
                                       generator)
@@ -295,6 +308,5 @@ def decode_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     """
     encoded = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    rows = decode_ids(model, encoded, max_new_tokens, eos, pad, batch_size, adapter_names)
+    rows = decode_ids(model, encoded, max_new_tokens, eos, pad_token_of(tokenizer), batch_size, adapter_names)
     return [continuation_text(tokenizer, row, eos) for row in rows]

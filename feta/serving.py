@@ -34,7 +34,7 @@ from peft import PeftModel
 
 from feta import runs
 from feta.data import DataSpec, Task, TaskDataModule, TaskKind, encode_prompts, make_task
-from feta.decoding import continuation_text, prefill_then_greedy
+from feta.decoding import continuation_text, left_padded, pad_token_of, prefill_then_greedy
 from feta.errors import UserError, check_path
 from feta.kinds import KINDS, kinds
 from feta.models import load_base_model
@@ -211,6 +211,8 @@ class AdapterServer:
     def serve(self, requests: Sequence[Request], batch_size: int = 32) -> list[dict]:
         """One result per row, in order: {"class", "scores"} (classification) or {"output"} (generation),
         with the row's adapter, task and input. Rows go `batch_size` at a time, mixed."""
+        for r in requests:  # rows built by hand get the checks read_requests gives a file's rows
+            make_request(r.adapter, {**r.example, "task": r.task}, self.specs, "input")
         out: list[dict] = []
         for start in range(0, len(requests), batch_size):
             out += self._batch(requests[start:start + batch_size])
@@ -239,21 +241,14 @@ class AdapterServer:
 
     def _batch(self, requests: Sequence[Request]) -> list[dict]:
         tasks = [self.tasks[r.task] for r in requests]
-        for r in requests:  # a programming error to pass unchecked rows: same checks as read_requests
-            make_request(r.adapter, {**r.example, "task": r.task}, self.specs, "input")
         prompts = [t.tokenizer(t.prompt(r.example))["input_ids"][-t.spec.max_length:] for r, t in zip(requests, tasks)]
         budgets = [t.spec.max_new_tokens if t.kind is TaskKind.generation else 0 for t in tasks]
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or 0)
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        pad = pad_token_of(self.tokenizer)
         device = next(self.model.parameters()).device
+        ids, mask = left_padded(prompts, pad, device)
         names = [r.adapter for r in requests]
         with self._routing(names) as route:
-            first, tokens = prefill_then_greedy(self.model, ids.to(device), mask.to(device), budgets, eos, pad, **route)
+            first, tokens = prefill_then_greedy(self.model, ids, mask, budgets, self.tokenizer.eos_token_id, pad, **route)
         results = [self._result(r, t, first[i], tokens[i, :budgets[i]].tolist())
                    for i, (r, t) in enumerate(zip(requests, tasks))]
         for name, task in self.tasks.items():  # classes of several tokens: a second pass over their rows

@@ -193,10 +193,9 @@ def _mixture(data: MixSpec, tokenizer, spec: CompileSpec, seed: int) -> Calibrat
                         "drop calib_decode (reference is the default)")
     mix = MixDataModule(data, tokenizer, seed)
     mix.setup()
-    sizes = [len(m.splits["train"]) for m in mix.modules.values()]
-    weights = mix.weights() or sizes
+    weights = mix.weights() or mix.train_sizes
     shares = [max(1, round(spec.calib_size * w / sum(weights))) for w in weights]
-    held = max(1, spec.eval_size // len(sizes))
+    held = max(1, spec.eval_size // len(weights))
     fits, helds = [], []
     for dm, n in zip(mix.modules.values(), shares):
         fit, held_out = calibration_batches(dm, dataclasses.replace(spec, calib_size=n, eval_size=held), seed)

@@ -143,12 +143,17 @@ class MixDataModule(L.LightningDataModule):
         self.train = [(i, ex) for i, m in enumerate(self.modules.values()) for ex in m.splits["train"]]
 
     @property
+    def train_sizes(self) -> list[int]:
+        """Each task's training examples, in `names` order."""
+        return [len(m.splits["train"]) for m in self.modules.values()]
+
+    @property
     def val_sizes(self) -> dict[str, int]:
         return {name: len(m.splits["validation"]) for name, m in self.modules.items()}
 
     def weights(self) -> list[float] | None:
         """The mixing rule's task probabilities (None: every example once an epoch)."""
-        sizes = [len(m.splits["train"]) for m in self.modules.values()]
+        sizes = self.train_sizes
         if self.spec.mixing == "equal":
             return [1.0] * len(sizes)
         if self.spec.mixing_temperature == 1.0:
@@ -161,8 +166,7 @@ class MixDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         self.setup()
-        sizes = [len(m.splits["train"]) for m in self.modules.values()]
-        batches = MixtureBatches(sizes, self.spec.batch_size, self.weights(), self.seed)
+        batches = MixtureBatches(self.train_sizes, self.spec.batch_size, self.weights(), self.seed)
         return StatefulDataLoader(self.train, batch_sampler=batches, collate_fn=self.collate,
                                   num_workers=self.spec.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
