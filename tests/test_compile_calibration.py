@@ -66,9 +66,24 @@ def test_greedy_calibration_is_the_sources_own_greedy_decode(e2e_prefix):
         want = alone[: alone.index(tok.eos_token_id) + 1] if tok.eos_token_id in alone else alone
         assert row == prompt + want
         assert int(scored.sum()) == len(want) and bool(scored[len(prompt) - 1])  # every decoded token, a target
-    reference = calibrate(source, tok, CompileSpec(calib_size=10), adapted).fit
+    reference = calibrate(source, tok, CompileSpec(calib_size=10, calib_decode="reference"), adapted).fit
     assert _rows(reference) == _rows(task.encode(examples))  # reference: the data itself
     assert _rows(reference) != _rows(fit)
+
+
+def test_auto_samples_on_generation_and_reads_the_data_elsewhere(e2e_prefix, work):
+    source, tok, adapted = e2e_prefix
+    auto = calibrate(source, tok, CompileSpec(calib_size=10), adapted)
+    sample = calibrate(source, tok, CompileSpec(calib_size=10, calib_decode="sample"), adapted)
+    assert auto.record["decode"] == "sample" and _rows(auto.fit) == _rows(sample.fit)
+    examples, task = _examples(source, tok, CompileSpec(calib_size=10))
+    assert _rows(auto.fit) != _rows(task.encode(examples))
+    sst2 = resolve_source(source.ckpt, source.model, to_spec(compose_cfg("train", ["data=sst2"]), "data"))
+    on_sst2 = calibrate(sst2, tok, CompileSpec(calib_size=8), adapted)  # no refusal: auto reads the data
+    sst2_examples, sst2_task = _examples(sst2, tok, CompileSpec(calib_size=8))
+    assert on_sst2.record["decode"] == "reference" and _rows(on_sst2.fit) == _rows(sst2_task.encode(sst2_examples))
+    prompts = resolve_source(source.ckpt, source.model, None, work["prompts"])
+    assert calibrate(prompts, tok, CompileSpec(calib_size=8), adapted).record["decode"] == "reference"
 
 
 def test_sampled_calibration_is_seeded_and_mix_keeps_half_the_references(e2e_prefix):

@@ -25,8 +25,8 @@ from torch import Tensor
 from feta.compile.source import CompileSource
 from feta.compile.spec import CalibDecode, CompileSpec
 from feta.compile.tokens import BATCH_KEYS
-from feta.data import (IGNORE, MixDataModule, MixSpec, TaskDataModule, encode_continuations, encode_prompts,
-                       note_clamp, seeded_subset)
+from feta.data import (IGNORE, DataSpec, MixDataModule, MixSpec, TaskDataModule, TaskKind, encode_continuations,
+                       encode_prompts, note_clamp, seeded_subset)
 from feta.decoding import decode_ids
 from feta.errors import UserError
 
@@ -74,7 +74,7 @@ def calibration_batches(datamodule: TaskDataModule, spec: CompileSpec, seed: int
     if task.kind.value != "generation":
         raise UserError(f"calib_decode={spec.calib_decode.value}", f"applies to generation tasks and prompt files; "
                         f"data={task.spec.name} is {task.kind.value}: its class is read at the prompt's last token, "
-                        "before any continuation", "drop calib_decode (reference is the default)")
+                        "before any continuation", "drop calib_decode (its default, auto, reads the data as it is here)")
     tok = task.tokenizer
     prompts = [tok(task.prompt(ex), add_special_tokens=True)["input_ids"] for ex in calib]
     references = [tok(task.target(ex), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for ex in calib]
@@ -138,9 +138,22 @@ def own_outputs(adapted, tokenizer, prompts: list[list[int]], new_tokens: int, m
     return OwnOutputs(prompts, decoded, batch, new_tokens)
 
 
+def resolve_decode(spec: CompileSpec, source: CompileSource) -> CompileSpec:
+    """`spec` with calib_decode=auto made concrete: the source's own sampled continuations for a single
+    generation task (measured best of the four on E2E: docs/results/compile_methods.md), the data as it is
+    for a classification task (its class is read before any continuation), a mixture and a prompt file
+    (whose prompts may be classification prompts)."""
+    if spec.calib_decode is not CalibDecode.auto:
+        return spec
+    generates = isinstance(source.data, DataSpec) and source.data.task is TaskKind.generation
+    return dataclasses.replace(spec, calib_decode=CalibDecode.sample if generates and source.prompts is None
+                               else CalibDecode.reference)
+
+
 def calibrate(source: CompileSource, tokenizer, spec: CompileSpec, adapted=None) -> Calibration:
     """The source's calibration and held-out batches, from its task or its prompt file; `adapted` (the
     source as a PEFT model) decodes the continuations calib_decode asks for."""
+    spec = resolve_decode(spec, source)
     if source.prompts is not None:
         return _prompt_file(source.prompts, tokenizer, spec, source.seed, adapted)
     if isinstance(source.data, MixSpec):
@@ -190,7 +203,7 @@ def _mixture(data: MixSpec, tokenizer, spec: CompileSpec, seed: int) -> Calibrat
     if spec.calib_decode is not CalibDecode.reference:
         raise UserError(f"calib_decode={spec.calib_decode.value}", "applies to a single generation task or a prompt "
                         f"file; the mixture {', '.join(data.specs)} calibrates on its tasks' own data",
-                        "drop calib_decode (reference is the default)")
+                        "drop calib_decode (its default, auto, reads the data as it is here)")
     mix = MixDataModule(data, tokenizer, seed)
     mix.setup()
     weights = mix.weights() or mix.train_sizes

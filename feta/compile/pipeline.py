@@ -25,7 +25,7 @@ from torch import Tensor
 from feta import runs, storage
 from feta.adapters import compiled_lora_config, load_adapter, merge_in_place
 from feta.compile import memory
-from feta.compile.calibration import Calibration, OwnOutputs, calibrate, continuations
+from feta.compile.calibration import Calibration, OwnOutputs, calibrate, continuations, resolve_decode
 from feta.compile.distill import distill
 from feta.compile.faithfulness import next_token
 from feta.compile.fit import target_modules
@@ -206,6 +206,7 @@ def compile_run(source: CompileSource, spec: CompileSpec, out_dir: str | Path, m
     `merge_dtype`, the merged model at `out_dir`/merged); returns compile.json. `out_dir` is written by
     one process at a time and appears whole; without `overwrite`, a directory another compile wrote
     meanwhile is kept and this one stops."""
+    spec = resolve_decode(spec, source)
     device = resolve_device(spec.device)
     base, tokenizer = load_base_model(source.model, keep=False)
     dtype = getattr(torch, spec.dtype) if spec.dtype else base.dtype

@@ -46,6 +46,7 @@ class DistillData(str, Enum):
 
 
 class CalibDecode(str, Enum):
+    auto = "auto"  # sample for a single generation task, reference otherwise (see calibration.resolve_decode)
     reference = "reference"  # the data's own targets (a prompt file: the prompts alone)
     greedy = "greedy"  # the source's greedy continuations of the calibration prompts
     sample = "sample"  # its continuations sampled at calib_temperature
@@ -113,9 +114,10 @@ class CompileSpec:
     memory_gb: float | None = field(default=None, metadata={
         "help": "Memory the compile may use on its device beside the model (GB); null = what is free. The "
                 "calibration caches go to the CPU when they do not fit on an accelerator."})
-    calib_decode: CalibDecode = field(default=CalibDecode.reference, metadata={
-        "help": "What follows each calibration prompt (generation tasks, prompt files): reference | greedy | "
-                "sample | mix; greedy and sample are the source adapter's own continuations."})
+    calib_decode: CalibDecode = field(default=CalibDecode.auto, metadata={
+        "help": "What follows each calibration prompt (generation tasks, prompt files): auto | reference | greedy | "
+                "sample | mix; greedy and sample are the source adapter's own continuations; auto = sample for a "
+                "generation task, reference otherwise."})
     calib_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of calib_decode=sample|mix."})
     calib_new_tokens: int | None = field(default=None, metadata={
         "help": "Tokens a decoded continuation may take; null = the task's data.max_new_tokens (prompt files: 32)."})
