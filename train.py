@@ -51,11 +51,12 @@ def instantiate_callback(name: str, node: DictConfig) -> L.Callback:
 
 
 def finished_or_checked(run_dir, cfg: DictConfig) -> dict[str, Any] | None:
-    """A finished run's metrics (skip_finished), or None once `run_dir` is known to hold no other config."""
+    """A finished run's metrics (skip_finished), or None; either way `run_dir` must hold this config's run
+    (a finished run of another config is refused, never handed back as this one's result)."""
+    runs.check_same_config(run_dir, cfg)
     if cfg.skip_finished and runs.is_finished(run_dir):
         log.info(f"{run_dir} already finished (skip_finished=true); not retraining")
         return runs.read_json(run_dir / runs.METRICS)
-    runs.check_same_config(run_dir, cfg)
     return None
 
 

@@ -102,10 +102,12 @@ def test_finished_run_is_not_redone_or_overwritten(tmp_path):
 
 def test_resume_refuses_a_different_config(tmp_path):
     cfg = tiny_train_cfg(tmp_path)
-    train(cfg)
-    other = tiny_train_cfg(tmp_path, "adapter.m=8", "skip_finished=false")
-    with pytest.raises(ValueError, match=r"different 'adapter'"):
-        train(other)
+    first, _ = train(cfg)
+    for flag in ("skip_finished=true", "skip_finished=false"):  # a finished run is not another config's result
+        other = tiny_train_cfg(tmp_path, "adapter.m=8", flag)
+        with pytest.raises(ValueError, match=r"different 'adapter'"):
+            train(other)
+    assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text()) == first
 
 
 def test_resume_refuses_a_different_lr_schedule(tmp_path):
