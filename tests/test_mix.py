@@ -224,6 +224,8 @@ def test_multitask_table_puts_each_tasks_score_per_configuration(mixed_run, tmp_
     assert rows[f"{name}, shared"]["mean"] == pytest.approx(100 * shared["val_task_mean"], abs=1e-4)
     text = (tmp_path / "multitask.md").read_text()
     assert f"| {name}, shared" in text and f"{100 * shared['val_snli_acc']:.1f}" in text
+    per_task_line = next(line for line in text.splitlines() if line.startswith(f"| {name}, per task"))
+    assert "nan" not in text and per_task_line.count("—") == 2  # no E2E run per task: its score and the mean
 
 
 def test_a_sweep_with_a_mixture_ends_with_the_multitask_table(mixed_run, tmp_path, capsys):

@@ -52,9 +52,11 @@ def is_multitask(run_dirs: list[Path]) -> bool:
 
 
 def write_multitask(run_dirs: list[Path], path: Path) -> pd.DataFrame:
-    """The table as markdown at `path` (scores in %, one decimal)."""
+    """The table as markdown at `path` (scores in %, one decimal; a task a configuration has no finished
+    run of, and then its mean, as —)."""
     table = multitask_table(run_dirs)
-    text = table.to_markdown(index=False, floatfmt=".1f", intfmt=",")
+    text = table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".1f", intfmt=",",
+                                                                       missingval="—")
     write_text(path, "Validation scores in % (generation: target-token accuracy), each task on its own split.\n\n"
                + text + "\n")
     return table
