@@ -16,9 +16,6 @@ source on held-out sentences, the base model's, and the difference between the t
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from feta.data import TaskDataModule
 from feta.data.spec import DataSpec, SST2_INSTRUCTION
 from feta.schema import to_spec
-from peft_merge_example import ROOT, smollm2_dir  # the sibling script: this directory is on sys.path
+from peft_merge_example import ROOT, compile_sst2, smollm2_dir  # the sibling script: this directory is on sys.path
 
 BATCH = 16
 
@@ -82,14 +79,6 @@ def train_and_save(base_dir: Path, config, lr: float, steps: int, out: Path) -> 
     peft_model.save_pretrained(str(out))
 
 
-def compile_and_read(adapter: Path, extra: list[str]) -> dict:
-    """compile.py on a PEFT adapter directory; its compile.json."""
-    cmd = [sys.executable, "compile.py", f"ckpt={adapter.resolve()}", "data=sst2", "~logger", "overwrite=true", *extra]
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    newest = max(adapter.glob("compiled-r*/compile.json"), key=lambda path: path.stat().st_mtime_ns)
-    return json.loads(newest.read_text())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="Directory the adapters are saved under.")
@@ -100,7 +89,7 @@ def main() -> None:
     agreement = {}
     for name, (config, lr) in kinds(base_dir).items():
         train_and_save(base_dir, config, lr, args.steps, args.out / name)
-        record = compile_and_read(args.out / name, args.compile)
+        record = compile_sst2(args.out / name, ["overwrite=true", *args.compile])
         nt = record["next_token"]
         agreement[name] = nt["next_token_agreement"]
         print(f"{name}: method {record['method']}, next-token agreement {nt['next_token_agreement']:.3f} (base model "

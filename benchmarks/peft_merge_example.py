@@ -47,6 +47,15 @@ def build_prefix(base_dir: Path, out: Path) -> None:
     peft_model.save_pretrained(str(out))
 
 
+def compile_sst2(adapter: Path, extra: list[str]) -> dict:
+    """`compile.py ckpt=<adapter> data=sst2 ~logger` plus `extra` keys on a PEFT adapter directory; the
+    compile.json it wrote (the newest under the adapter)."""
+    cmd = [sys.executable, "compile.py", f"ckpt={adapter.resolve()}", "data=sst2", "~logger", *extra]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    newest = max(adapter.glob("compiled-r*/compile.json"), key=lambda path: path.stat().st_mtime_ns)
+    return json.loads(newest.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="Directory the PEFT adapter is saved to.")
@@ -54,11 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     build_prefix(smollm2_dir(), args.out)
     print(f"saved a PREFIX_TUNING adapter to {args.out}")
-    cmd = [sys.executable, "compile.py", f"ckpt={args.out.resolve()}", "data=sst2", "~logger", *args.compile]
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    newest = max(args.out.glob("compiled-r*/compile.json"), key=lambda path: path.stat().st_mtime_ns)
-    record = json.loads(newest.read_text())
-    nt = record["next_token"]
+    nt = compile_sst2(args.out, args.compile)["next_token"]
     print(f"next token on {nt['positions']} held-out SST-2 positions: agreement {nt['next_token_agreement']:.3f} "
           f"(base model {nt['base_next_token_agreement']:.3f}), KL {nt['next_token_kl']:.4f} nats (base model "
           f"{nt['base_next_token_kl']:.4f})")
