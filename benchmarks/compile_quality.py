@@ -86,7 +86,15 @@ EXPLORE = {
     "distill_v": ["rank=4", "method=distill", "target=v", "distill_steps=250", "distill_lr=1e-3"],
     "distill_qkvo": ["rank=4", "method=distill", "target=q+k+v+o", "distill_steps=250", "distill_lr=1e-3"],
 }
-SETTINGS = {**METHODS, **EXPLORE}
+# Rank and target modules of the default closed form (a merged LoRA costs the base model's time at any
+# rank, so what a larger one costs is fit time): with sink, lstsq (o alone) and faithful_100 (q, k, v, o)
+# these are the rank/target study of docs/results/compile_methods.md.
+RANK_TARGET = {
+    **{f"sink_r{r}": [f"rank={r}", "method=sink"] for r in (8, 16, 32, 64)},
+    "sink_o_mlp": ["rank=4", "method=sink", "target=o+mlp"],
+    "sink_r16_o_mlp": ["rank=16", "method=sink", "target=o+mlp"],
+}
+SETTINGS = {**METHODS, **EXPLORE, **RANK_TARGET}
 
 
 def compile_command(ckpt: Path, out: Path, settings: list[str]) -> dict:
@@ -151,6 +159,7 @@ def main() -> None:
             "residual last, max layer": max(rec["residuals"]["last"]),
             "residual last, mean": rec["residual_last_mean"],
             "residual content, mean": rec["residual_content_mean"],
+            "fit s": rec["fit_time_s"],
             "compile wall s": wall,
             "merged prefill ratio": merged["ratio_to_base"],
         })

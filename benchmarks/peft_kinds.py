@@ -1,16 +1,18 @@
-"""Plain-PEFT soft prompts of two kinds, trained briefly on SST-2, compiled by compile.py: does a P-tuning
+"""Plain-PEFT soft prompts of three kinds, trained briefly on SST-2, compiled by compile.py: does a P-tuning
 adapter compile as faithfully as a text-initialized soft prompt?
 
-    python benchmarks/peft_kinds.py --out /tmp/peft-kinds [--steps 30] [--compile rank=8]
+    python benchmarks/peft_kinds.py --out /tmp/peft-kinds [--kinds ptuning,prompt_text] [--steps 30] [--compile rank=8]
 
 Builds, with transformers + peft + torch only, on SmolLM2-135M-Instruct (the local dequantized copy of
 conf/model/smollm2.yaml's GGUF file):
 - `ptuning`: PromptEncoderConfig, an MLP prompt encoder, 16 virtual tokens;
 - `prompt_text`: PromptTuningConfig initialized from the text of feta's SST-2 instruction, 16 virtual tokens;
+- `prompt_random`: PromptTuningConfig with PEFT's random initialization, 16 virtual tokens: the control that
+  tells a start off the token-embedding manifold (P-tuning's encoder output, N(0, 1) rows) from the encoder;
 trains each --steps steps of 16 SST-2 training sentences (cross-entropy over the two class words at the
 prompt's last token, Adam), saves it with save_pretrained, runs `compile.py ckpt=<dir> data=sst2 ~logger`
 (the default method=sink, plus any --compile keys) and prints compile.json's next-token agreement with the
-source on held-out sentences, the base model's, and the difference between the two kinds.
+source on held-out sentences, the base model's, and each kind's difference from `prompt_text`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def kinds(base_dir: Path) -> dict[str, tuple[object, float]]:
         "prompt_text": (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, prompt_tuning_init="TEXT",
                                            prompt_tuning_init_text=SST2_INSTRUCTION,
                                            tokenizer_name_or_path=str(base_dir)), 3e-3),
+        "prompt_random": (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16,
+                                             prompt_tuning_init="RANDOM"), 3e-3),
     }
 
 
@@ -84,10 +88,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="Directory the adapters are saved under.")
     ap.add_argument("--steps", type=int, default=30, help="Training steps of 16 sentences per adapter.")
     ap.add_argument("--compile", nargs="*", default=[], help="Extra compile.py keys, e.g. rank=8.")
+    ap.add_argument("--kinds", default="ptuning,prompt_text,prompt_random", help="Which adapters, comma-separated.")
     args = ap.parse_args()
     base_dir = smollm2_dir()
+    available = kinds(base_dir)
+    unknown = sorted(set(args.kinds.split(",")) - set(available))
+    if unknown:
+        ap.error(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(available)}")
     agreement = {}
-    for name, (config, lr) in kinds(base_dir).items():
+    for name in args.kinds.split(","):
+        config, lr = available[name]
         train_and_save(base_dir, config, lr, args.steps, args.out / name)
         record = compile_sst2(args.out / name, ["overwrite=true", *args.compile])
         nt = record["next_token"]
@@ -95,7 +105,9 @@ def main() -> None:
         print(f"{name}: method {record['method']}, next-token agreement {nt['next_token_agreement']:.3f} (base model "
               f"{nt['base_next_token_agreement']:.3f}), KL {nt['next_token_kl']:.4f} nats (base model "
               f"{nt['base_next_token_kl']:.4f}), residual_last_mean {record['residual_last_mean']:.3f}")
-    print(f"ptuning - prompt_text next-token agreement: {agreement['ptuning'] - agreement['prompt_text']:+.3f}")
+    others = [name for name in agreement if name != "prompt_text"] if "prompt_text" in agreement else []
+    for name in others:
+        print(f"{name} - prompt_text next-token agreement: {agreement[name] - agreement['prompt_text']:+.3f}")
 
 
 if __name__ == "__main__":

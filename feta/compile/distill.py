@@ -1,5 +1,4 @@
-"""Refine a compiled LoRA by distillation from its source prefix (compile methods distill, lstsq+distill,
-sink+distill).
+"""Refine a compiled LoRA by distillation from its source prefix (compile methods distill, lstsq+distill).
 
 The student (the compiled LoRA model) learns the teacher's (the prefix model's) output distribution at
 the scored positions (KL: over the classes' verbalizer scores, or over the vocabulary at each target
@@ -39,7 +38,7 @@ class DistillModule(L.LightningModule):
     def __init__(self, student, teacher, verbalizer_ids: list[list[int]] | None, lr: float,
                  hidden: DistillHidden | str = DistillHidden.final, sink_ratio: float = 6.0,
                  schedule: Schedule | str = Schedule.constant, steps: int = 1, last_weight: float = 1.0,
-                 base=None, params: list[torch.nn.Parameter] | None = None) -> None:
+                 base=None) -> None:
         super().__init__()
         self.student, self.teacher, self.base = student, teacher, base  # teacher None: CachedTeacherModule
         if isinstance(teacher, torch.nn.Module):
@@ -47,7 +46,6 @@ class DistillModule(L.LightningModule):
         self.verbalizer_ids, self.lr, self.sink_ratio = verbalizer_ids, lr, sink_ratio
         self.hidden, self.schedule = DistillHidden(hidden), Schedule(schedule)
         self.steps, self.last_weight = steps, last_weight
-        self.params = params  # None: every student parameter that requires grad
 
     def _outputs(self, model, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every layer's hidden states (B, T, d) and the log-distribution the task reads at the scored positions."""
@@ -88,8 +86,7 @@ class DistillModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = self.params if self.params is not None else [p for p in self.student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr)
+        opt = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)
         if self.schedule is Schedule.constant:
             return opt
         # Cosine decay to zero. On SmolLM2 (docs/results/compile_methods.md) a constant lr stopped improving
@@ -107,9 +104,8 @@ class CachedTeacherModule(DistillModule):
     Σ_k p(k) log(p(k)/q(k)) + p(rest) log(p(rest)/q(rest)): zero exactly where the student gives each of
     the k tokens, and so the rest, the source's probability. No source forward runs during the steps."""
 
-    def __init__(self, student, lr: float, schedule: Schedule | str, steps: int,
-                 params: list[torch.nn.Parameter] | None = None) -> None:
-        super().__init__(student, None, None, lr, schedule=schedule, steps=steps, params=params)
+    def __init__(self, student, lr: float, schedule: Schedule | str, steps: int) -> None:
+        super().__init__(student, None, None, lr, schedule=schedule, steps=steps)
 
     def training_step(self, batch, batch_idx):
         logq = F.log_softmax(scored_logits(self.student, batch).float(), -1).gather(1, batch["top_ids"])
@@ -130,36 +126,23 @@ def teacher_cache(source, batches: list[dict[str, torch.Tensor]], k: int) -> lis
     return out
 
 
-def trainable(lora: torch.nn.Module, frozen: list[str]) -> list[torch.nn.Parameter]:
-    """The LoRA parameters the steps train: all but those on `frozen` modules, the sink fold's rank-1 k/v
-    edits. Their input direction is scaled to one over a sink's hidden-state norm (10-400x the median), so
-    Adam's per-parameter steps of ~lr would swamp it, and a moved sink key moves every token's attention.
-    A list, not requires_grad flags: PEFT sets every active adapter's requires_grad again each time the
-    source view switches the LoRA off and on."""
-    return [p for name, p in lora.named_parameters()
-            if p.requires_grad and not any(f".{m}.lora_" in f".{name}" for m in frozen)]
-
-
 def distill(cm: CompileModel, calibration: Calibration, spec: CompileSpec, seed: int, device: torch.device,
-            precision: str = "32-true", frozen: list[str] = ()) -> dict:
+            precision: str = "32-true") -> dict:
     """Run `spec.distill_steps` steps on `device`, in Lightning's `precision`; returns the final losses. One
     model: the teacher is the student's own base model with the source switched in. `distill_data=train`:
     the source's training examples (a task's training split, or a prompt file's calibration prompts) against
-    the source's forwards; `calibration`: the calibration batch against the source's cached top-k. The
-    LoRAs on `frozen` modules are not trained."""
+    the source's forwards; `calibration`: the calibration batch against the source's cached top-k."""
     L.seed_everything(seed + 2, workers=True, verbose=False)
-    params = trainable(cm.lora, list(frozen))
     if spec.distill_data is DistillData.calibration:
         batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches(calibration.fit, spec.distill_batch_size)]
         loader = torch.utils.data.DataLoader(teacher_cache(cm.source, batches, spec.distill_top_k), batch_size=None,
                                              shuffle=True)
-        module = CachedTeacherModule(cm.lora, spec.distill_lr, spec.distill_schedule, spec.distill_steps, params)
+        module = CachedTeacherModule(cm.lora, spec.distill_lr, spec.distill_schedule, spec.distill_steps)
     else:
         loader = torch.utils.data.DataLoader(calibration.train, batch_size=spec.distill_batch_size, shuffle=True,
                                              collate_fn=calibration.collate)
         module = DistillModule(cm.lora, cm.source, calibration.verbalizer_ids, spec.distill_lr, spec.distill_hidden,
-                               spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight, base=cm.base,
-                               params=params)
+                               spec.sink_ratio, spec.distill_schedule, spec.distill_steps, spec.last_weight, base=cm.base)
     on_gpu = device.type == "cuda"
     trainer = L.Trainer(max_steps=spec.distill_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         accelerator="gpu" if on_gpu else "cpu", devices=[device.index or 0] if on_gpu else 1,

@@ -161,7 +161,7 @@ def _fit(base, source: CompileSource, calibration: Calibration, spec: CompileSpe
         weights, positions = fit_weights(batches, sinks, spec)
         stats["modules"] = fit_sequential(cm, batches, weights, sinks, arch, spec, store, plan)
     if spec.distills:
-        stats["distill"] = distill(cm, calibration, spec, source.seed, device, precision, frozen=kv)
+        stats["distill"] = distill(cm, calibration, spec, source.seed, device, precision)
     return cm, stats, positions
 
 

@@ -36,7 +36,8 @@ class Method(str, Enum):
     lstsq = "lstsq"  # the closed form on `target` alone, no gradient steps
     distill = "distill"  # gradient steps from PEFT's zero init
     lstsq_distill = "lstsq+distill"  # the closed form, then gradient steps
-    sink_distill = "sink+distill"  # method=sink, then gradient steps
+    # No sink+distill: after the sink fold every token's o_proj input carries the folded value, and a step of
+    # 1e-4 on any o_proj LoRA entry took SmolLM2's E2E KL from 0.02 to >1 nats (docs/results/compile_methods.md).
 
 
 class DistillData(str, Enum):
@@ -88,8 +89,7 @@ class CompileSpec:
 
     rank: int = field(default=4, metadata={"help": "LoRA rank r of the compiled adapter (0 = bias only)."})
     # A str, not the Enum: OmegaConf converts Enums by member name, and "lstsq+distill" is no identifier.
-    method: str = field(default=Method.sink.value, metadata={"help": "sink | lstsq | distill | lstsq+distill | "
-                                                                     "sink+distill."})
+    method: str = field(default=Method.sink.value, metadata={"help": "sink | lstsq | distill | lstsq+distill."})
     target: str = field(default="o", metadata={"help": "Module kinds the LoRA goes on, joined by +: o (attention "
                                                        "output projection), mlp (MLP output projection), q/k/v, qkv (GPT-2)."})
     bias: bool | None = field(default=None, metadata={"help": "Fit a per-module bias with the low-rank map "
@@ -146,7 +146,7 @@ class CompileSpec:
         if "none" in kinds and (not self.folds_sink or len(kinds) > 1):
             raise UserError("target", "none (no closed-form modules) goes only with method=sink, alone",
                             "use target=none with method=sink, or a module kind")
-        if self.method in (Method.sink, Method.lstsq, Method.sink_distill) and not set(kinds) <= {*CLOSED_FORM, "none"}:
+        if self.method in (Method.sink, Method.lstsq) and not set(kinds) <= {*CLOSED_FORM, "none"}:
             raise UserError("target", f"{self.target} needs method=distill or lstsq+distill: the closed form fits "
                             f"only per-token maps ({', '.join(CLOSED_FORM)})", "use target=o or a distill method")
         if self.method is Method.lstsq_distill and not set(kinds) & set(CLOSED_FORM):
@@ -182,8 +182,8 @@ class CompileSpec:
 
     @property
     def folds_sink(self) -> bool:
-        """The prefix is folded into the attention sink's slot first (method=sink, sink+distill)."""
-        return self.method in (Method.sink, Method.sink_distill)
+        """The prefix is folded into the attention sink's slot first (method=sink)."""
+        return self.method is Method.sink
 
     @property
     def closed_form(self) -> bool:
@@ -192,7 +192,7 @@ class CompileSpec:
 
     @property
     def distills(self) -> bool:
-        return self.method in (Method.distill, Method.lstsq_distill, Method.sink_distill)
+        return self.method in (Method.distill, Method.lstsq_distill)
 
     @property
     def module_kinds(self) -> tuple[str, ...]:
