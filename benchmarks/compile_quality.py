@@ -87,12 +87,11 @@ EXPLORE = {
     "distill_qkvo": ["rank=4", "method=distill", "target=q+k+v+o", "distill_steps=250", "distill_lr=1e-3"],
 }
 # Rank and target modules of the default closed form (a merged LoRA costs the base model's time at any
-# rank, so what a larger one costs is fit time): with sink, lstsq (o alone) and faithful_100 (q, k, v, o)
+# rank, so what a larger one costs is fit time): with sink, lstsq (o alone) and distill_qkvo (q, k, v, o)
 # these are the rank/target study of docs/results/compile_methods.md.
 RANK_TARGET = {
     **{f"sink_r{r}": [f"rank={r}", "method=sink"] for r in (8, 16, 32, 64)},
     "sink_o_mlp": ["rank=4", "method=sink", "target=o+mlp"],
-    "sink_r16_o_mlp": ["rank=16", "method=sink", "target=o+mlp"],
 }
 SETTINGS = {**METHODS, **EXPLORE, **RANK_TARGET}
 
