@@ -36,8 +36,8 @@ class Method(str, Enum):
     lstsq = "lstsq"  # the closed form on `target` alone, no gradient steps
     distill = "distill"  # gradient steps from PEFT's zero init
     lstsq_distill = "lstsq+distill"  # the closed form, then gradient steps
-    # No sink+distill: after the sink fold every token's o_proj input carries the folded value, and a step of
-    # 1e-4 on any o_proj LoRA entry took SmolLM2's E2E KL from 0.02 to >1 nats (docs/results/compile_methods.md).
+    # No sink+distill: after the sink fold every token's o_proj input carries the folded value; one optimizer
+    # step took SmolLM2's E2E KL from 0.02 to >6 nats at any lr from 3e-4 to 3e-6 (docs/results/compile_methods.md).
 
 
 class DistillData(str, Enum):
