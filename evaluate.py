@@ -1,7 +1,7 @@
 """Evaluate runs and build the sweep report (feta/evaluation.py, feta/report/).
 
     python evaluate.py ckpt=multirun/<date>/<time>/0               # one run -> eval.json
-    python evaluate.py ckpt=multirun/<date>/<time>/0/compiled-r4   # a compiled prefix
+    python evaluate.py ckpt=multirun/<date>/<time>/0/compiled-r64  # a compiled prefix
     python evaluate.py ckpt=multirun/<date>/<time>                 # a sweep -> eval.json each + report/
 
 Analyses of a run (equivalence, task vector, interpolation) are analyze.py's.

@@ -1,8 +1,8 @@
 """Serve several adapters on one base model, a mixed batch per forward pass (feta/serving.py). Adapters may
 be of different tasks: each row is read with its adapter's own task (classes, or a continuation).
 
-    python serve.py adapters.sst2=<LoRA run> adapters.topics=<run>/compiled-r4 val_limit=64
-    python serve.py adapters.sst2=<run> adapters.nli=<run>/compiled-r4 input=rows.jsonl
+    python serve.py adapters.sst2=<LoRA run> adapters.topics=<run>/compiled-r64 val_limit=64
+    python serve.py adapters.sst2=<run> adapters.nli=<run>/compiled-r64 input=rows.jsonl
 
 Each adapters.NAME=DIR loads a LoRA run or a compiled prefix under NAME; `__base__` names the base model.
 val_limit=N serves N validation inputs of each adapter's task (the first N, or with val_seed a seeded

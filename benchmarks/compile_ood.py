@@ -2,8 +2,8 @@
 of the compiled model with its source prefix, on another task's texts under the source's own template,
 beside the same on the source's own held-out inputs.
 
-    python benchmarks/compile_ood.py multirun/quickstart/0/compiled-r4 --texts agnews --n 256
-    python benchmarks/compile_ood.py multirun/agnews/0/compiled-r4 --texts sst2
+    python benchmarks/compile_ood.py multirun/quickstart/0/compiled-r64 --texts agnews --n 256
+    python benchmarks/compile_ood.py multirun/agnews/0/compiled-r64 --texts sst2
 
 `--texts` names a task (conf/data/*) whose validation texts fill the source task's template (its first
 column; the template's other columns keep the texts of the source's own validation inputs). Prints both

@@ -13,7 +13,7 @@ row is scored from it (its task's classes and verbalizers), a generation row con
 cached decoder with its adapter, up to its task's `max_new_tokens`. Classes whose words take several
 tokens are scored in a second pass over their task's rows.
 
-    server = AdapterServer.from_runs({"sst2": "multirun/.../1", "topics": "multirun/.../0/compiled-r4"})
+    server = AdapterServer.from_runs({"sst2": "multirun/.../1", "topics": "multirun/.../0/compiled-r64"})
     out = server.serve([Request("sst2", "sst2", {"sentence": "a gem"}),
                         Request("topics", "agnews", {"text": "Stocks fell ..."})])
 """

@@ -47,7 +47,7 @@ def test_prefix_compiles_to_a_lora_that_keeps_its_next_tokens(work, tmp_path, mo
     # PEFT keeps a prefix on grouped-query attention at the key/value heads (llama_tiny: 2 of 4 heads).
     assert (saved["num_attention_heads"], saved["token_dim"]) == ((2, 32) if model_name == "llama_tiny" else (4, 64))
     rec = compile_peft(adapter, f"calib_file={work['prompts']}", "merge=true")
-    out = adapter / "compiled-r4"
+    out = adapter / "compiled-r64"
     assert rec["source"] == {
         "kind": "peft", "peft_type": "PREFIX_TUNING", "compiled_as": "prefix", "adapter": str(adapter.resolve()),
         "base_model_name_or_path": str(work[model_name]), "model": model_name, "model_path": str(work[model_name]),
@@ -87,7 +87,7 @@ def test_prompt_tuning_compiles_on_llama(work, tmp_path):
     assert nt["next_token_agreement"] >= 0.35 and nt["next_token_agreement"] >= nt["base_next_token_agreement"] + 0.3, nt
     assert nt["next_token_kl"] < 0.2 * nt["base_next_token_kl"], nt
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work["llama_tiny"]),
-                                     str(adapter / "compiled-r4/adapter"))
+                                     str(adapter / "compiled-r64/adapter"))
     assert lora.active_peft_config.peft_type.value == "LORA"
 
 
@@ -194,7 +194,7 @@ def test_a_weight_shape_mismatch_is_named_when_the_config_gives_no_sizes(work, t
     with pytest.raises(UserError, match=r"adapter_model\.safetensors holds prompt_embeddings of shape \[8, 128\] but "
                                         r"model llama_tiny needs \[8, 256\]"):
         compile_peft(adapter, f"calib_file={work['prompts']}", "model=llama_tiny", "model.config.num_hidden_layers=4")
-    assert not (adapter / "compiled-r4").exists()
+    assert not (adapter / "compiled-r64").exists()
 
 
 # ------------------------------------------------------------------ bad input through the command

@@ -189,7 +189,7 @@ def test_a_shared_prefix_compiles_on_the_mixture(tmp_path):
     train_tiny(tmp_path, "p", *MIX[:4], "model=llama_tiny", "adapter.init=random", "adapter.m=4", "adapter.lr=0.05",
            "trainer.max_steps=6")
     compile_prefix(compose_cfg("compile", [f"ckpt={tmp_path / 'p'}", "~logger", "calib_size=48", "eval_size=12"]))
-    record = json.loads((tmp_path / "p" / "compiled-r4" / runs.COMPILE).read_text())
+    record = json.loads((tmp_path / "p" / "compiled-r64" / runs.COMPILE).read_text())
     assert record["task"] == "mixture" and record["source"]["data"] == "mix"
     assert record["calibration"]["tasks"] == {"sst2": 16, "snli": 16, "e2e": 16}
     assert record["calibration"]["examples"] == 48 and record["eval_examples"] == 12
@@ -197,7 +197,7 @@ def test_a_shared_prefix_compiles_on_the_mixture(tmp_path):
     assert record["calibration"]["scored_tokens"] > 48
     agree = record["next_token"]
     assert agree["next_token_agreement"] > agree["base_next_token_agreement"] + 0.2
-    ev = evaluate.evaluate(compose_cfg("evaluate", [f"ckpt={tmp_path / 'p' / 'compiled-r4'}", "~logger",
+    ev = evaluate.evaluate(compose_cfg("evaluate", [f"ckpt={tmp_path / 'p' / 'compiled-r64'}", "~logger",
                                                     "latency.enabled=false"]))
     tasks = next(iter(ev["runs"].values()))["tasks"]  # the compiled shared prefix, against it on every task
     assert 0 <= tasks["snli"]["class_agreement"] <= 1 and 0 <= tasks["e2e"]["identical_outputs"] <= 1

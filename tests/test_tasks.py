@@ -40,14 +40,14 @@ def test_users_csv_trains_compiles_and_evaluates_three_classes(csv_sweep):
     assert metrics["task"] == "classification" and metrics["main_metric"] == "val_acc" and metrics["val_size"] == 30
     out = evaluate(compose_cfg("evaluate", [f"ckpt={csv_sweep}", "~logger", *FAST_LATENCY]))
     evals = {Path(k).name: v for k, v in out["runs"].items()}
-    assert set(evals) == {"0", "1", "compiled-r4"}
+    assert set(evals) == {"0", "1", "compiled-r64"}
     for ev in evals.values():
         assert ev["classes"] == ["neg", "neu", "pos"] and len(ev["per_class_acc"]) == 3 and ev["val_size"] == 30
         confusion = ev["confusion"]
         assert len(confusion) == 3 and sum(map(sum, confusion)) == 30
         assert ev["val_acc"] == pytest.approx(sum(confusion[i][i] for i in range(3)) / 30)
         assert 0 <= ev["macro_f1"] <= 1
-    assert 0 <= evals["compiled-r4"]["class_agreement"] <= 1
+    assert 0 <= evals["compiled-r64"]["class_agreement"] <= 1
     assert evals["0"]["val_acc"] == pytest.approx(metrics["val_acc"], abs=1e-6)  # training and evaluate agree
     report = csv_sweep / "report" / "results.csv"
     assert report.is_file() and "metric" in report.read_text().splitlines()[0]
@@ -78,15 +78,15 @@ def pair_sweep(tmp_path_factory):
 def test_pair_task_trains_compiles_and_evaluates_on_both_columns(pair_sweep):
     metrics = json.loads((pair_sweep / "0" / "metrics.json").read_text())
     assert metrics["task"] == "classification" and metrics["val_size"] == 20
-    record = json.loads((pair_sweep / "0" / "compiled-r4" / "compile.json").read_text())
+    record = json.loads((pair_sweep / "0" / "compiled-r64" / "compile.json").read_text())
     assert record["task"] == "classification" and record["calibration"]["examples"] == 48
     out = evaluate(compose_cfg("evaluate", [f"ckpt={pair_sweep}", "~logger", "latency.enabled=false"]))
     evals = {Path(k).name: v for k, v in out["runs"].items()}
-    assert set(evals) == {"0", "compiled-r4"}
+    assert set(evals) == {"0", "compiled-r64"}
     for ev in evals.values():
         assert ev["classes"] == ["yes", "no"] and sum(map(sum, ev["confusion"])) == 20
     assert evals["0"]["val_acc"] == pytest.approx(metrics["val_acc"], abs=1e-6)
-    assert 0 <= evals["compiled-r4"]["class_agreement"] <= 1
+    assert 0 <= evals["compiled-r64"]["class_agreement"] <= 1
 
 
 @pytest.fixture(scope="module")
@@ -99,21 +99,21 @@ def e2e_sweep(tmp_path_factory):
 def test_generation_trains_on_targets_compiles_and_scores_bleu(e2e_sweep):
     metrics = json.loads((e2e_sweep / "0" / "metrics.json").read_text())
     assert metrics["task"] == "generation" and metrics["main_metric"] == "val_token_acc" and metrics["val_size"] == 6
-    record = json.loads((e2e_sweep / "0" / "compiled-r4" / "compile.json").read_text())
+    record = json.loads((e2e_sweep / "0" / "compiled-r64" / "compile.json").read_text())
     assert record["task"] == "generation" and len(record["residuals"]["last"]) == 2
     out = evaluate(compose_cfg("evaluate", [f"ckpt={e2e_sweep}", "~logger", "latency.enabled=false"]))
     evals = {Path(k).name: v for k, v in out["runs"].items()}
-    dirs = {"0": e2e_sweep / "0", "compiled-r4": e2e_sweep / "0" / "compiled-r4"}
+    dirs = {"0": e2e_sweep / "0", "compiled-r64": e2e_sweep / "0" / "compiled-r64"}
     for name, run_dir in dirs.items():
         ev = evals[name]
         assert ev["task"] == "generation" and ev["main_metric"] == "bleu" and 0 <= ev["bleu"] <= 100
         lines = [json.loads(x) for x in (run_dir / "outputs.jsonl").read_text().splitlines()]
         assert len(lines) == 6 and all(set(x) >= {"input", "output", "references"} for x in lines)
         assert all(x["input"].startswith("Table: name[") and len(x["references"]) >= 1 for x in lines)
-    compiled = evals["compiled-r4"]
+    compiled = evals["compiled-r64"]
     for key in ("identical_outputs", "token_agreement"):
         assert 0 <= compiled[key] <= 1
-    lines = [json.loads(x) for x in (dirs["compiled-r4"] / "outputs.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (dirs["compiled-r64"] / "outputs.jsonl").read_text().splitlines()]
     same = sum(x["output"] == x["source_output"] for x in lines) / len(lines)
     assert compiled["identical_outputs"] == pytest.approx(same) and compiled["class_agreement"] is None
     prefix_lines = [json.loads(x) for x in (dirs["0"] / "outputs.jsonl").read_text().splitlines()]

@@ -87,7 +87,7 @@ def as_choice(key: str, value: object, choices: type[Enum]) -> Enum:
 class CompileSpec:
     """How a prefix is compiled. `__post_init__` checks values and fills `bias=None` per method."""
 
-    rank: int = field(default=4, metadata={"help": "LoRA rank r of the compiled adapter (0 = bias only)."})
+    rank: int = field(default=64, metadata={"help": "LoRA rank r of the compiled adapter (0 = bias only)."})
     # A str, not the Enum: OmegaConf converts Enums by member name, and "lstsq+distill" is no identifier.
     method: str = field(default=Method.sink.value, metadata={"help": "sink | lstsq | distill | lstsq+distill."})
     target: str = field(default="o", metadata={"help": "Module kinds the LoRA goes on, joined by +: o (attention "
@@ -200,7 +200,7 @@ class CompileSpec:
 
     @property
     def dir_name(self) -> str:
-        """The compiled directory's name under the source run: compiled-r4, compiled-r4-distill-v_o, ..."""
+        """The compiled directory's name under the source run: compiled-r64, compiled-r4-distill-v_o, ..."""
         return (f"compiled-r{self.rank}" + ("" if self.method is Method.sink else f"-{self.method.value}")
                 + ("" if self.target == "o" else f"-{self.target.replace('+', '_')}")
                 + ("-nobias" if not self.bias and self.method is not Method.distill else ""))
