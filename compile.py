@@ -1,8 +1,8 @@
 """Compile a trained prefix into a LoRA adapter that merges into the base model (feta/compile/).
 
-    python compile.py ckpt=multirun/<date>/<time>/0 rank=4
-    python compile.py -m ckpt=multirun/<date>/<time>/0 rank=1,2,4,8,16,32
-    python compile.py ckpt=<run> rank=4 merge=true            # also write the merged fp32 model
+    python compile.py ckpt=multirun/<date>/<time>/0           # method=sink, r=64: <run>/compiled-r64/
+    python compile.py -m ckpt=multirun/<date>/<time>/0 rank=4,16,64
+    python compile.py ckpt=<run> merge=true                   # also write the merged fp32 model
     python compile.py ckpt=<run> preset=faithful              # closed form + distillation, ~30 min on CPU
     python compile.py ckpt=<run> device=cuda dtype=bfloat16   # on a GPU, bf16 forwards (the fit stays float64)
     python compile.py ckpt=<PEFT adapter dir> data=sst2       # a plain PEFT prefix / prompt / LLaMA-Adapter
