@@ -7,7 +7,7 @@ beside the same on the source's own held-out inputs.
 
 `--texts` names a task (conf/data/*) whose validation texts fill the source task's template (its first
 column; the template's other columns keep the texts of the source's own validation inputs). Prints both
-rows and writes them to benchmarks/results/compile_ood-<source data>-<texts>.csv.
+rows and writes them to benchmarks/results/compile_ood-<source data>-<texts>-<compiled dir name>.csv.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
                      **{k: round(v, 4) for k, v in result.items()}})
     table = pd.DataFrame(rows)
     print(f"{run.name} ({args.compiled}), {data_spec.name}'s template:\n{table.to_markdown(index=False)}")
-    out = ROOT / "benchmarks" / "results" / f"compile_ood-{data_spec.name}-{args.texts}.csv"
+    out = ROOT / "benchmarks" / "results" / f"compile_ood-{data_spec.name}-{args.texts}-{args.compiled.resolve().name}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
 
