@@ -159,6 +159,10 @@ def _eval_mode(model: torch.nn.Module):
             module.training = training
 
 
+def _greedy(logits: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   max_new_tokens: int, eos_token_id: int | None, pad_token_id: int, **forward_kwargs: Any
                   ) -> torch.Tensor:
@@ -170,8 +174,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     """
     check_positive("data.max_new_tokens", max_new_tokens)
     limits = torch.full((input_ids.size(0),), max_new_tokens, device=input_ids.device)
-    return _decode(model, input_ids, attention_mask, limits, eos_token_id, pad_token_id,
-                   lambda logits: logits.argmax(-1), forward_kwargs)[1]
+    return _decode(model, input_ids, attention_mask, limits, eos_token_id, pad_token_id, _greedy, forward_kwargs)[1]
 
 
 def prefill_then_greedy(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -182,19 +185,22 @@ def prefill_then_greedy(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     A row with `new_tokens[i] == 0` is read from the prefill alone (a classification row of a mixed-task
     batch) and leaves the batch before the first decode step, so it costs no step."""
     limits = torch.tensor(new_tokens, device=input_ids.device)
-    return _decode(model, input_ids, attention_mask, limits, eos_token_id, pad_token_id,
-                   lambda logits: logits.argmax(-1), forward_kwargs)
+    return _decode(model, input_ids, attention_mask, limits, eos_token_id, pad_token_id, _greedy, forward_kwargs)
 
 
 def sample_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   max_new_tokens: int, eos_token_id: int | None, pad_token_id: int, temperature: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """As greedy_decode, with each token drawn from the softmax of the logits / `temperature` (seeded by
-    `generator`, on the model's device)."""
+                  uniforms: torch.Tensor) -> torch.Tensor:
+    """As greedy_decode, with each token drawn from the softmax of the logits / `temperature`: row i's
+    token t is where `uniforms[i, t]` (B, max_new_tokens, in [0, 1)) falls in the cumulative distribution.
+    A row's draws are its own, so a sample never depends on the batch it was decoded in."""
     check_positive("temperature", temperature, what="number")
 
-    def draw(logits: torch.Tensor) -> torch.Tensor:
-        return torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
+    def draw(logits: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
+        cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
+        u = uniforms[rows, t].to(device=cdf.device, dtype=cdf.dtype)
+        # min: a cdf that rounds to just below 1 must not index past the vocabulary.
+        return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=cdf.size(-1) - 1)
 
     check_positive("data.max_new_tokens", max_new_tokens)
     limits = torch.full((input_ids.size(0),), max_new_tokens, device=input_ids.device)
@@ -204,7 +210,8 @@ def sample_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 def _decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, limits: torch.Tensor,
             eos_token_id: int | None, pad_token_id: int, pick, forward_kwargs: dict[str, Any]
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the prefill's (B, V) logits, (B, max(limits)) tokens): row i decodes at most `limits[i]` tokens."""
+    """(the prefill's (B, V) logits, (B, max(limits)) tokens): row i decodes at most `limits[i]` tokens, each
+    chosen by `pick(logits of the live rows, their indices in the batch, the step)`."""
     if bool((limits < 0).any()):
         raise ValueError(f"a row's token budget is negative: {limits.tolist()}")
     max_new_tokens = int(limits.max())
@@ -220,29 +227,48 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
         if max_new_tokens == 0:
             return first, out
         rows = torch.arange(ids.size(0), device=ids.device)
-        logits = first
-        if bool((limits == 0).any()):  # rows read from the prefill alone leave the batch here
-            rows = rows[limits > 0]
-            cache.batch_select_indices(rows)
-            mask, lengths, logits, limits = mask[rows], lengths[rows], first[rows], limits[rows]
-            lm.forward_kwargs = {k: [v[i] for i in rows.tolist()] if k == "adapter_names" else v
-                                 for k, v in forward_kwargs.items()}
-        batch = rows.numel()
-        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         # The cache holds [virtual tokens | padding + prompt]; every new token is a real one.
-        full_mask = torch.cat([mask.new_ones(batch, lm.virtual), mask], dim=1)
+        full_mask = torch.cat([mask.new_ones(rows.numel(), lm.virtual), mask], dim=1)
         next_pos = (lengths + lm.virtual).unsqueeze(1)  # virtual tokens take positions 0..m-1
+        live = _Live(rows, full_mask, next_pos, limits, first, lm, forward_kwargs)
+        live.keep(limits > 0, cache)  # rows read from the prefill alone leave before the first step
         for t in range(max_new_tokens):
-            token = pick(logits).masked_fill(done, pad_token_id)
-            out[rows, t] = token
+            token = pick(live.logits, live.rows, t)
+            out[live.rows, t] = token
+            done = live.limits <= t + 1  # a row's own budget is spent
             if eos_token_id is not None:
                 done |= token == eos_token_id
-            done |= limits <= t + 1  # a row's own budget is spent
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
-            full_mask = torch.cat([full_mask, mask.new_ones(batch, 1)], dim=1)
-            logits = lm.step(token.unsqueeze(1), cache, full_mask, next_pos + t)
+            # A finished row leaves the batch (and the cache): a batch's steps cost its live rows, not
+            # its longest continuation times every row.
+            token = live.keep(~done, cache, token)
+            live.mask = torch.cat([live.mask, live.mask.new_ones(live.rows.numel(), 1)], dim=1)
+            live.logits = lm.step(token.unsqueeze(1), cache, live.mask, live.next_pos + t)
     return first, out
+
+
+class _Live:
+    """The rows of a batch still decoding, with what each step needs of them (mask, positions, budgets,
+    last logits, per-row forward arguments such as PEFT's adapter_names)."""
+
+    def __init__(self, rows: torch.Tensor, mask: torch.Tensor, next_pos: torch.Tensor, limits: torch.Tensor,
+                 logits: torch.Tensor, lm: CachedLM, forward_kwargs: dict[str, Any]) -> None:
+        self.rows, self.mask, self.next_pos, self.limits, self.logits = rows, mask, next_pos, limits, logits
+        self.lm, self.forward_kwargs = lm, forward_kwargs
+
+    def keep(self, alive: torch.Tensor, cache: Any, token: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Drop the rows where `alive` is False, from these fields and from `cache`; returns `token` of the
+        rows kept."""
+        if bool(alive.all()):
+            return token
+        index = alive.nonzero()[:, 0]
+        cache.batch_select_indices(index)
+        self.rows, self.mask, self.next_pos = self.rows[index], self.mask[index], self.next_pos[index]
+        self.limits, self.logits = self.limits[index], self.logits[index]
+        self.lm.forward_kwargs = {k: [v[i] for i in self.rows.tolist()] if k == "adapter_names" else v
+                                  for k, v in self.forward_kwargs.items()}
+        return None if token is None else token[index]
 
 
 def continuation_text(tokenizer, ids: list[int], eos_token_id: int | None) -> str:
@@ -275,20 +301,23 @@ def left_padded(prompts: list[list[int]], pad_token_id: int, device: torch.devic
 
 def decode_ids(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
                pad_token_id: int, batch_size: int, adapter_names: list[str] | None = None, temperature: float = 0.0,
-               generator: torch.Generator | None = None) -> list[list[int]]:
+               seed: int = 0) -> list[list[int]]:
     """Each prompt's `max_new_tokens` generated ids (padded after its EOS), in the prompts' order: greedy, or
-    sampled at `temperature` (`generator` seeds it). Batches group prompts of similar length, so little
-    compute goes to padding. `adapter_names` (one per prompt) runs each row through its own LoRA."""
+    sampled at `temperature`. Batches group prompts of similar length, so little compute goes to padding.
+    A sample depends on `seed` and the prompt's place in `prompts` alone, not on `batch_size` or the
+    device. `adapter_names` (one per prompt) runs each row through its own LoRA."""
     check_positive("data.eval_batch_size", batch_size)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    uniforms = torch.rand((len(prompts), max_new_tokens), generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64) if temperature > 0 else None
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         ids, mask = left_padded([prompts[i] for i in rows], pad_token_id, device)
-        if temperature > 0:
+        if uniforms is not None:
             generated = sample_decode(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
-                                      generator)
+                                      uniforms[rows])
         else:
             per_row = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in rows]}
             generated = greedy_decode(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id, **per_row)

@@ -19,6 +19,7 @@ from feta.compile.sequential import fit_sequential
 from feta.compile.spec import LAYER
 from feta.compile.tokens import detect_sinks, micro_batches
 from feta.compile.views import CompileModel, View
+from feta.decoding import CachedLM
 from feta.schema import to_spec
 from tests.conftest import compose_cfg
 from tests.helpers.sources import saved, scored_batch, tiny_base, tiny_prefix_source
@@ -309,3 +310,20 @@ def test_the_memory_plan_covers_the_caches_the_fit_holds(model_name, tmp_path):
     held = compiled.nbytes() + src.nbytes() + sum(h.numel() * h.element_size() for h in compiled.hidden)
     assert held <= need.caches <= 1.5 * held, (held, need.caches)
     assert need.store == "cpu" and need.tokens == sum(b["input_ids"].numel() for b in batches)
+
+
+@pytest.mark.parametrize("model_name", ["gpt2_tiny", "llama_tiny"])
+def test_a_decode_batch_fits_the_memory_it_is_given(model_name, tmp_path):
+    """The calibration decode's batch: its rows' KV caches (prefix + prompt + new tokens) take no more than
+    the share of `memory_gb` it may use, and the width stays within 1 and DECODE_ROWS."""
+    base, tok = tiny_base(model_name)
+    source = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ids = torch.randint(1, 1000, (2, 20))
+    _, cache = CachedLM(source).prefill(ids)
+    per_row = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)) / 2
+    width = 4 + 20
+    small, large = (memory.decode_batch(source, width, memory_gb) for memory_gb in (0.02, 0.2))
+    assert 2 <= small and 9 * small <= large < memory.DECODE_ROWS  # in proportion to the memory given
+    assert large * per_row <= memory.DECODE_SHARE * 0.2 * memory.GB
+    assert memory.decode_batch(source, width, 1e-9) == 1
+    assert memory.decode_batch(source, width, 100.0) == memory.DECODE_ROWS

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from feta.adapters import GatedPrefixSpec, IA3Spec, LoraSpec, PrefixSpec, PromptSpec, build_adapter, merged_copy
-from feta.decoding import decode_texts, greedy_decode, left_align, prefill_then_greedy
+from feta.decoding import decode_ids, decode_texts, greedy_decode, left_align, prefill_then_greedy
 from feta.models import load_base_model, named_model
 
 ARCHS = ("gpt2_tiny", "llama_tiny")
@@ -123,17 +123,19 @@ def test_eos_padding_and_early_stop(models, references, arch, kind):
     model = models[arch, kind]
     refs = references[arch, kind]
     eos = refs[1][0]  # row 1 stops at once
-    calls = []
+    calls = []  # the batch of each forward
     counted = model.get_base_model() if hasattr(model, "get_base_model") else model  # one call per forward
-    handle = counted.register_forward_hook(lambda *_: calls.append(1))
+    handle = counted.register_forward_pre_hook(lambda m, a, kw: calls.append(len(kw["input_ids"])), with_kwargs=True)
     try:
         ids, mask = padded(prompts(), left=False)
         out = greedy_decode(model, ids, mask, NEW, eos_token_id=eos, pad_token_id=PAD)
         assert out.tolist() == [expected(r, eos, NEW) for r in refs]
         assert out[1, 0] == eos and (out[1, 1:] == PAD).all()
-        # One prefill, then one step per token after the first, until the last row has stopped.
+        # One prefill, then one step per token after the first, until the last row has stopped; a row that
+        # has stopped leaves the batch, so each step runs only the rows still decoding.
         stops = [r.index(eos) + 1 if eos in r else NEW for r in refs]
-        assert len(calls) == max(stops)
+        assert calls == [3] + [sum(s > t + 1 for s in stops) for t in range(max(stops) - 1)]
+        assert calls[1] == 2
 
         calls.clear()
         single, single_mask = padded(prompts()[1:2], left=True)
@@ -207,3 +209,17 @@ def test_per_row_budgets_share_one_prefill(models, references, arch, kind):
     assert int(first[0].argmax()) == references[arch, kind][0][0]
     _, none = prefill_then_greedy(model, ids, mask, [0, 0, 0], eos_token_id=None, pad_token_id=PAD)
     assert none.shape == (3, 0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_sample_depends_on_its_seed_and_prompt_alone(models, references, arch):
+    """Sampled decoding: the same tokens whatever the batch width (rows leave a batch as they end, and
+    a batch's rows change with its width), other tokens under another seed, and greedy's tokens where the
+    temperature leaves one token all the mass."""
+    model = models[arch, "prefix"]
+    rows = [r.tolist() for r in prompts()] * 3  # repeated prompts must still draw apart
+    sample = {width: decode_ids(model, rows, NEW, None, PAD, width, temperature=3.0, seed=7) for width in (1, 4, 9)}
+    assert sample[1] == sample[4] == sample[9]
+    assert sample[1][:3] != sample[1][3:6]
+    assert decode_ids(model, rows, NEW, None, PAD, 9, temperature=3.0, seed=8) != sample[9]
+    assert decode_ids(model, rows[:3], NEW, None, PAD, 3, temperature=1e-4, seed=7) == references[arch, "prefix"]

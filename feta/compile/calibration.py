@@ -22,12 +22,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from feta.compile.memory import decode_batch
 from feta.compile.source import CompileSource
 from feta.compile.spec import CalibDecode, CompileSpec
 from feta.compile.tokens import BATCH_KEYS
 from feta.data import (IGNORE, DataSpec, MixDataModule, MixSpec, TaskDataModule, TaskKind, encode_continuations,
                        encode_prompts, note_clamp, seeded_subset)
-from feta.decoding import decode_ids
+from feta.decoding import decode_ids, virtual_tokens
 from feta.errors import UserError
 
 # Share of a prompt file held out (at most eval_size); the split has its own seed, so that calib_seed
@@ -38,8 +39,6 @@ HOLD_OUT_SEED = 0
 PROMPT_MAX_LENGTH = 128
 # Tokens a decoded continuation of a prompt file's prompt may take, by default.
 PROMPT_NEW_TOKENS = 32
-# Prompts decoded at once.
-DECODE_BATCH = 32
 # Held-out prompts that the source and the compiled model both decode, for compile.json's `own_outputs`.
 OWN_OUTPUTS = 32
 
@@ -97,7 +96,7 @@ def _decoded(adapted, tokenizer, prompts: list[list[int]], references: list[list
     rows = [i for i in range(len(prompts)) if not keep_reference[i]]
     temperature = 0.0 if mode is CalibDecode.greedy else spec.calib_temperature
     decoded = continuations(adapted, tokenizer, [prompts[i] for i in rows], new_tokens, temperature,
-                            3000 + seed + spec.calib_seed)
+                            3000 + seed + spec.calib_seed, spec.memory_gb)
     out: list[list[int] | None] = [references[i] if references is not None else None for i in range(len(prompts))]
     for i, tokens in zip(rows, decoded):
         out[i] = tokens
@@ -105,13 +104,15 @@ def _decoded(adapted, tokenizer, prompts: list[list[int]], references: list[list
 
 
 def continuations(model, tokenizer, prompts: list[list[int]], new_tokens: int, temperature: float = 0.0,
-                  seed: int = 0) -> list[list[int]]:
+                  seed: int = 0, memory_gb: float | None = None, batch_size: int | None = None) -> list[list[int]]:
     """Each prompt's continuation by `model` (a PEFT model or a plain one), greedy or sampled at
-    `temperature` (seeded), up to and with its EOS, in the prompts' order."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    `temperature` (each prompt's draws seeded by `seed` and its place), up to and with its EOS, in the prompts' order; decoded `batch_size` at a time,
+    by default as many as the free memory (or `memory_gb`) allows (feta.compile.memory.decode_batch)."""
     eos = tokenizer.eos_token_id
-    rows = decode_ids(model, prompts, new_tokens, eos, tokenizer.pad_token_id, DECODE_BATCH, temperature=temperature,
-                      generator=generator)
+    if batch_size is None:
+        batch_size = decode_batch(model, virtual_tokens(model) + max(len(p) for p in prompts) + new_tokens, memory_gb)
+    rows = decode_ids(model, prompts, new_tokens, eos, tokenizer.pad_token_id, batch_size, temperature=temperature,
+                      seed=seed)
     return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 

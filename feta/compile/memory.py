@@ -23,6 +23,12 @@ from feta.errors import UserError
 GB = 1e9
 # Headroom for the allocator and the libraries' own buffers.
 SLACK = 0.3 * GB
+# Rows decoded at once, at most. A decode step reads every weight whatever its batch, so wide batches
+# pay, up to a point: 256 sampled E2E continuations on SmolLM2-135M, 2 CPU cores, took 78 s in batches
+# of 32, 61 s of 128 and 59 s of 256 (`python benchmarks/decode_batch.py multirun/e2e/0`).
+DECODE_ROWS = 128
+# Share of the free memory a decode batch may take.
+DECODE_SHARE = 0.25
 
 
 @dataclass
@@ -80,7 +86,7 @@ def plan(model: torch.nn.Module, batches: list[dict[str, Tensor]], held_out: lis
     working = max(one_layer, measures) + (rows if spec.folds_sink else 0)
     store = str(device)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] if spec.memory_gb is None else spec.memory_gb * GB
+        free = _free(device) if spec.memory_gb is None else spec.memory_gb * GB
         if caches + statistics + working + SLACK > free:
             store = "cpu"  # the caches wait on the CPU; each layer call moves its micro-batch over
     need = MemoryPlan(caches, statistics, working, tokens, store)
@@ -88,14 +94,36 @@ def plan(model: torch.nn.Module, batches: list[dict[str, Tensor]], held_out: lis
     return need
 
 
-def _check(need: MemoryPlan, device: torch.device, spec: CompileSpec) -> None:
+def decode_batch(model: torch.nn.Module, row_tokens: int, memory_gb: float | None = None) -> int:
+    """Rows to decode at once: at most DECODE_ROWS, and as many as DECODE_SHARE of the memory free on the
+    model's device (or of `memory_gb`) holds: each row's KV cache of `row_tokens` positions, its
+    activations through one layer of the prefill, and its logits."""
+    c = model.config
+    width, layers = c.hidden_size, c.num_hidden_layers
+    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width
+    heads = c.num_attention_heads
+    kv_width = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or width // heads)
+    param = next(model.parameters())
+    item = param.element_size()
+    per_row = (2 * layers * kv_width + 3 * ffn + 8 * width + heads * row_tokens) * row_tokens * item + 3 * c.vocab_size * 4
+    free = memory_gb * GB if memory_gb is not None else _free(param.device)
+    return max(1, min(DECODE_ROWS, int(DECODE_SHARE * free // per_row)))
+
+
+def _free(device: torch.device) -> float:
+    """Bytes free on `device` (the host's available memory for the CPU)."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] if spec.memory_gb is None else spec.memory_gb * GB
+        return float(torch.cuda.mem_get_info(device)[0])
+    return float(psutil.virtual_memory().available)
+
+
+def _check(need: MemoryPlan, device: torch.device, spec: CompileSpec) -> None:
+    free = _free(device) if spec.memory_gb is None else spec.memory_gb * GB
+    if device.type == "cuda":
         on_device = need.statistics + need.working + SLACK + (need.caches if need.store != "cpu" else 0.0)
         host = need.caches if need.store == "cpu" else 0.0
         short = on_device > free or host > psutil.virtual_memory().available
     else:
-        free = psutil.virtual_memory().available if spec.memory_gb is None else spec.memory_gb * GB
         short = need.total > free
     if short:
         raise UserError("calib_size", f"the compile needs {need.describe()}, and {free / GB:.2f} GB is free "
