@@ -12,11 +12,10 @@ benchmarks/results/decode_batch-<data>.csv.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import pandas as pd
-import torch
-from torch.utils.benchmark import Timer
 
 from feta import runs
 from feta.compile.calibration import continuations
@@ -41,11 +40,12 @@ def main() -> None:
     prompts = [tokenizer(dm.task.prompt(ex), add_special_tokens=True)["input_ids"] for ex in examples]
     rows = []
     for width in (int(b) for b in args.batches.split(",")):
-        out: list[list[list[int]]] = []
-        decode = lambda: out.append(continuations(model, tokenizer, prompts, data_spec.max_new_tokens,  # noqa: E731
-                                                  args.temperature, batch_size=width))
-        seconds = Timer(stmt="fn()", globals={"fn": decode}, num_threads=torch.get_num_threads()).timeit(1).mean
-        tokens = sum(len(c) for c in out[-1])
+        # One timed run per width: a run takes about a minute, which torch.utils.benchmark's warm-up
+        # runs (two or more per measurement) would triple.
+        start = time.perf_counter()
+        out = continuations(model, tokenizer, prompts, data_spec.max_new_tokens, args.temperature, batch_size=width)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(c) for c in out)
         rows.append({"batch": width, "seconds": round(seconds, 1), "tokens": tokens,
                      "tokens_per_s": round(tokens / seconds, 1)})
     table = pd.DataFrame(rows)

@@ -193,13 +193,14 @@ def sample_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
                   uniforms: torch.Tensor) -> torch.Tensor:
     """As greedy_decode, with each token drawn from the softmax of the logits / `temperature`: row i's
     token t is where `uniforms[i, t]` (B, max_new_tokens, in [0, 1)) falls in the cumulative distribution.
-    A row's draws are its own, so a sample never depends on the batch it was decoded in."""
+    A row's draws are its own: the batch it decodes in moves its sample only through the float round-off
+    of its logits."""
     check_positive("temperature", temperature, what="number")
 
     def draw(logits: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
         cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
         u = uniforms[rows, t].to(device=cdf.device, dtype=cdf.dtype)
-        # min: a cdf that rounds to just below 1 must not index past the vocabulary.
+        # A cdf that sums to just below 1 must not index past the vocabulary.
         return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=cdf.size(-1) - 1)
 
     check_positive("data.max_new_tokens", max_new_tokens)
@@ -304,8 +305,8 @@ def decode_ids(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens:
                seed: int = 0) -> list[list[int]]:
     """Each prompt's `max_new_tokens` generated ids (padded after its EOS), in the prompts' order: greedy, or
     sampled at `temperature`. Batches group prompts of similar length, so little compute goes to padding.
-    A sample depends on `seed` and the prompt's place in `prompts` alone, not on `batch_size` or the
-    device. `adapter_names` (one per prompt) runs each row through its own LoRA."""
+    A prompt's random draws depend on `seed` and its place in `prompts` alone, not on `batch_size` or the
+    device (which move its sample only through the float round-off of its logits). `adapter_names` (one per prompt) runs each row through its own LoRA."""
     check_positive("data.eval_batch_size", batch_size)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -15,6 +15,7 @@ half a sampled continuation. A decoded continuation is scored at every one of it
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -125,18 +126,21 @@ class OwnOutputs:
     continuations: list[list[int]]
     batch: dict[str, Tensor]  # prompt + continuation, scored at the continuation's tokens
     new_tokens: int
+    seconds: float  # the decode's time: it measures the compile, so fit_time_s leaves it out
 
 
 def own_outputs(adapted, tokenizer, prompts: list[list[int]], new_tokens: int, max_length: int) -> OwnOutputs | None:
     """The source's greedy continuations of the first OWN_OUTPUTS `prompts` (None when none gets a token)."""
     prompts = prompts[:OWN_OUTPUTS]
+    start = time.perf_counter()
     decoded = continuations(adapted, tokenizer, prompts, new_tokens)
+    seconds = time.perf_counter() - start
     keep = [i for i, c in enumerate(decoded) if c]
     if not keep:
         return None
     prompts, decoded = [prompts[i] for i in keep], [decoded[i] for i in keep]
     batch = encode_continuations(tokenizer, prompts, decoded, max_length + new_tokens)
-    return OwnOutputs(prompts, decoded, batch, new_tokens)
+    return OwnOutputs(prompts, decoded, batch, new_tokens, seconds)
 
 
 def resolve_decode(spec: CompileSpec, source: CompileSource) -> CompileSpec:

@@ -24,8 +24,8 @@ GB = 1e9
 # Headroom for the allocator and the libraries' own buffers.
 SLACK = 0.3 * GB
 # Rows decoded at once, at most. A decode step reads every weight whatever its batch, so wide batches
-# pay, up to a point: 256 sampled E2E continuations on SmolLM2-135M, 2 CPU cores, took 78 s in batches
-# of 32, 61 s of 128 and 59 s of 256 (`python benchmarks/decode_batch.py multirun/e2e/0`).
+# pay, up to a point: 256 sampled E2E continuations on SmolLM2-135M, 2 CPU cores, took 75 s in batches
+# of 32, 54 s of 128 and 53 s of 256 (`python benchmarks/decode_batch.py multirun/e2e/0`).
 DECODE_ROWS = 128
 # Share of the free memory a decode batch may take.
 DECODE_SHARE = 0.25
