@@ -306,7 +306,8 @@ def decode_ids(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens:
     """Each prompt's `max_new_tokens` generated ids (padded after its EOS), in the prompts' order: greedy, or
     sampled at `temperature`. Batches group prompts of similar length, so little compute goes to padding.
     A prompt's random draws depend on `seed` and its place in `prompts` alone, not on `batch_size` or the
-    device (which move its sample only through the float round-off of its logits). `adapter_names` (one per prompt) runs each row through its own LoRA."""
+    device (which move its sample only through the float round-off of its logits). `adapter_names` (one
+    per prompt) runs each row through its own LoRA."""
     check_positive("data.eval_batch_size", batch_size)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

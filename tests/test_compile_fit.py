@@ -313,7 +313,7 @@ def test_the_memory_plan_covers_the_caches_the_fit_holds(model_name, tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["gpt2_tiny", "llama_tiny"])
-def test_a_decode_batch_fits_the_memory_it_is_given(model_name, tmp_path):
+def test_a_decode_batch_fits_the_memory_it_is_given(model_name):
     """The calibration decode's batch: its rows' KV caches (prefix + prompt + new tokens) take no more than
     the share of `memory_gb` it may use, and the width stays within 1 and DECODE_ROWS."""
     base, tok = tiny_base(model_name)

@@ -107,8 +107,9 @@ def _decoded(adapted, tokenizer, prompts: list[list[int]], references: list[list
 def continuations(model, tokenizer, prompts: list[list[int]], new_tokens: int, temperature: float = 0.0,
                   seed: int = 0, memory_gb: float | None = None, batch_size: int | None = None) -> list[list[int]]:
     """Each prompt's continuation by `model` (a PEFT model or a plain one), greedy or sampled at
-    `temperature` (each prompt's draws seeded by `seed` and its place), up to and with its EOS, in the prompts' order; decoded `batch_size` at a time,
-    by default as many as the free memory (or `memory_gb`) allows (feta.compile.memory.decode_batch)."""
+    `temperature` (each prompt's draws seeded by `seed` and its place), up to and with its EOS, in the
+    prompts' order; decoded `batch_size` at a time, by default as many as the free memory (or `memory_gb`)
+    allows (feta.compile.memory.decode_batch)."""
     eos = tokenizer.eos_token_id
     if batch_size is None:
         batch_size = decode_batch(model, virtual_tokens(model) + max(len(p) for p in prompts) + new_tokens, memory_gb)

@@ -51,15 +51,20 @@ class MemoryPlan:
                 f"working {self.working / GB:.2f} GB")
 
 
+def _shape(c) -> tuple[int, int, int, int, int]:
+    """A transformers config's (width, layers, MLP width, attention heads, key/value width)."""
+    width, heads = c.hidden_size, c.num_attention_heads
+    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width
+    kv_width = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or width // heads)
+    return width, c.num_hidden_layers, ffn, heads, kv_width
+
+
 def plan(model: torch.nn.Module, batches: list[dict[str, Tensor]], held_out: list[dict[str, Tensor]], spec: CompileSpec,
          m: int, device: torch.device) -> MemoryPlan:
     """The memory the compile will use beside `model`; refuses, naming calib_size and calib_max_length,
     when the machine has less."""
     c = model.config
-    width, layers = c.hidden_size, c.num_hidden_layers
-    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width
-    heads = c.num_attention_heads
-    kv_width = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or width // heads)
+    width, layers, ffn, heads, kv_width = _shape(c)
     item = next(model.parameters()).element_size()
     tokens = sum(b["input_ids"].numel() for b in batches)
     kinds = set(spec.module_kinds)
@@ -99,13 +104,11 @@ def decode_batch(model: torch.nn.Module, row_tokens: int, memory_gb: float | Non
     model's device (or of `memory_gb`) holds: each row's KV cache of `row_tokens` positions, its
     activations through one layer of the prefill, and its logits."""
     c = model.config
-    width, layers = c.hidden_size, c.num_hidden_layers
-    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width
-    heads = c.num_attention_heads
-    kv_width = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or width // heads)
+    width, layers, ffn, heads, kv_width = _shape(c)
     param = next(model.parameters())
     item = param.element_size()
-    per_row = (2 * layers * kv_width + 3 * ffn + 8 * width + heads * row_tokens) * row_tokens * item + 3 * c.vocab_size * 4
+    per_token = 2 * layers * kv_width + 3 * ffn + 8 * width + heads * row_tokens
+    per_row = per_token * row_tokens * item + 3 * c.vocab_size * 4
     free = memory_gb * GB if memory_gb is not None else _free(param.device)
     return max(1, min(DECODE_ROWS, int(DECODE_SHARE * free // per_row)))
 
