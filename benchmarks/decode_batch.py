@@ -1,6 +1,6 @@
-"""How wide should a decode batch be? Times a generation run's sampled continuations of its calibration
-inputs (as `compile.py`'s default calibration decodes them) at several batch widths, and prints each
-width's time as a ratio to the first's.
+"""How wide should a decode batch be? Times a generation run's sampled continuations of a seeded sample
+of its training inputs (decoded as `compile.py`'s default calibration decodes its own) at several batch
+widths, and prints each width's time as a ratio to the first's.
 
     python benchmarks/decode_batch.py multirun/e2e/0 --n 256 --batches 32,128,256
 

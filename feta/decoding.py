@@ -196,12 +196,12 @@ def sample_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     A row's draws are its own: the batch it decodes in moves its sample only through the float round-off
     of its logits."""
     check_positive("temperature", temperature, what="number")
+    uniforms = uniforms.to(device=input_ids.device, dtype=torch.float64)  # once, not at every step
 
     def draw(logits: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
         cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
-        u = uniforms[rows, t].to(device=cdf.device, dtype=cdf.dtype)
         # A cdf that sums to just below 1 must not index past the vocabulary.
-        return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=cdf.size(-1) - 1)
+        return torch.searchsorted(cdf, uniforms[rows, t, None], right=True)[:, 0].clamp(max=cdf.size(-1) - 1)
 
     check_positive("data.max_new_tokens", max_new_tokens)
     limits = torch.full((input_ids.size(0),), max_new_tokens, device=input_ids.device)

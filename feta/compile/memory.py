@@ -91,7 +91,7 @@ def plan(model: torch.nn.Module, batches: list[dict[str, Tensor]], held_out: lis
     working = max(one_layer, measures) + (rows if spec.folds_sink else 0)
     store = str(device)
     if device.type == "cuda":
-        free = _free(device) if spec.memory_gb is None else spec.memory_gb * GB
+        free = _free(device, spec.memory_gb)
         if caches + statistics + working + SLACK > free:
             store = "cpu"  # the caches wait on the CPU; each layer call moves its micro-batch over
     need = MemoryPlan(caches, statistics, working, tokens, store)
@@ -109,23 +109,25 @@ def decode_batch(model: torch.nn.Module, row_tokens: int, memory_gb: float | Non
     item = param.element_size()
     per_token = 2 * layers * kv_width + 3 * ffn + 8 * width + heads * row_tokens
     per_row = per_token * row_tokens * item + 3 * c.vocab_size * 4
-    free = memory_gb * GB if memory_gb is not None else _free(param.device)
-    return max(1, min(DECODE_ROWS, int(DECODE_SHARE * free // per_row)))
+    return max(1, min(DECODE_ROWS, int(DECODE_SHARE * _free(param.device, memory_gb) // per_row)))
 
 
-def _free(device: torch.device) -> float:
-    """Bytes free on `device` (the host's available memory for the CPU)."""
+def _free(device: torch.device, memory_gb: float | None = None) -> float:
+    """Bytes the compile may use on `device`: `memory_gb` when given, else what is free there (the host's
+    available memory for the CPU)."""
+    if memory_gb is not None:
+        return memory_gb * GB
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
     return float(psutil.virtual_memory().available)
 
 
 def _check(need: MemoryPlan, device: torch.device, spec: CompileSpec) -> None:
-    free = _free(device) if spec.memory_gb is None else spec.memory_gb * GB
+    free = _free(device, spec.memory_gb)
     if device.type == "cuda":
         on_device = need.statistics + need.working + SLACK + (need.caches if need.store != "cpu" else 0.0)
         host = need.caches if need.store == "cpu" else 0.0
-        short = on_device > free or host > psutil.virtual_memory().available
+        short = on_device > free or host > _free(torch.device("cpu"))
     else:
         short = need.total > free
     if short:
